@@ -103,6 +103,8 @@ class Config:
     aa: Optional[str] = "rand-m9-mstd0.5-inc1"
     smoothing: float = 0.1
     train_interpolation: str = "bicubic"
+    hflip: float = 0.5                         # horizontal-flip probability (0 for digits and text)
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])   # RandomResizedCrop area range
     repeated_aug: bool = True
     ra_repeats: int = 3
     reprob: float = 0.25
@@ -144,7 +146,7 @@ CHOICES = {
 }
 NON_NEGATIVE = ("seed", "num_workers", "drop", "drop_path", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
                 "smoothing", "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "distillation_alpha",
-                "model_ema_decay", "clip_grad", "color_jitter")
+                "model_ema_decay", "clip_grad", "color_jitter", "hflip")
 POSITIVE = ("epochs", "batch_size", "grad_accum_steps", "input_size", "lr_base_batch", "print_freq", "save_every",
             "ra_repeats", "distillation_tau", "eval_crop_ratio", "nb_classes")
 
@@ -194,6 +196,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 5e-4, without a dot, as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -308,6 +315,8 @@ def validate(cfg: Config) -> Config:
     for key in POSITIVE:
         if flat.get(key) is not None and flat[key] <= 0:
             raise ConfigError(f"{key}: {flat[key]} must be > 0")
+    if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        raise ConfigError(f"crop_scale: {cfg.crop_scale} must be [min, max] with 0 < min <= max <= 1")
     if not cfg.model_ema_decay < 1.0:
         raise ConfigError(f"model_ema_decay: {cfg.model_ema_decay} must be < 1")
     if cfg.best_on == "ema" and not (cfg.model_ema and cfg.model_ema_eval):

@@ -1,0 +1,295 @@
+"""Datasets, DeiT's transforms, repeated-augmentation sampling and the train/val loaders.
+
+    train_loader, val_loader, nb_classes = build_loaders(cfg, rank, world_size, seed)
+    for epoch in range(start, cfg.epochs):
+        train_loader.sampler.set_epoch(epoch)      # reshuffles; the same seed must be passed on every rank
+
+``data_set`` picks the source: ``imagenet`` / ``folder`` (an ImageFolder tree with ``train/`` and ``val/``),
+``cifar10`` / ``cifar100`` (torchvision's extracted python archives, never downloaded) or ``digits`` (scikit-learn's
+bundled 8x8 digits, written once as an ImageFolder tree so the demo runs the same code path as ImageNet).
+Every data mistake stops with one :class:`DatasetError` line that names the path or config key.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from typing import Iterator, Optional, Tuple
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import find_classes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetError(ValueError):
+    """A data mistake; ``str(err)`` is the one line shown to the user."""
+
+
+# ------------------------------------------------------------------------------------------------ transforms
+def build_transform(cfg, is_train: bool):
+    """DeiT's transforms: timm's training pipeline, and Resize(size / eval_crop_ratio) + CenterCrop for eval.
+
+    For ``input_size <= 32`` DeiT swaps the random-resized crop for RandomCrop(size, padding=4) and evaluates
+    uncropped; we resize to ``input_size`` first, which is a no-op on 32 px CIFAR and upsamples the 8 px digits.
+    """
+    size = cfg.input_size
+    small = size <= 32
+    bicubic = transforms.InterpolationMode.BICUBIC
+    if is_train:
+        from timm.data import create_transform
+        t = create_transform(size, is_training=True, color_jitter=cfg.color_jitter, auto_augment=cfg.aa,
+                             interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode,
+                             re_count=cfg.recount)
+        if small:
+            t.transforms[0:1] = [transforms.Resize(size, interpolation=bicubic),
+                                 transforms.RandomCrop(size, padding=4)]
+        for op in _augment_ops(t):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+        return t
+    resize = size if small else int(size / cfg.eval_crop_ratio)
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=bicubic),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def _augment_ops(t) -> list:
+    """The AugmentOps inside timm's RandAugment / AutoAugment / AugMix in a Compose."""
+    ops = []
+    for aug in getattr(t, "transforms", []):
+        ops += list(getattr(aug, "ops", []))
+        ops += [op for sub in getattr(aug, "policy", []) for op in sub]
+    return [op for op in ops if hasattr(op, "aug_fn") and hasattr(op, "name")]
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize with old Pillow's answer for 0 bits kept: a black image.
+
+    RandAugment's magnitude noise reaches level 10, where timm asks to keep 0 bits; Pillow >= 13 raises ValueError
+    there instead of returning zeros, which would stop training at a random step.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, but a broken file names itself instead of surfacing as a bare PIL traceback."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # noqa: BLE001 -- any decoder failure becomes one message that names the file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DatasetError(f"cannot read image {path}: {reason}") from None
+
+
+def _image_folder(root: str, split: str, transform) -> datasets.ImageFolder:
+    path = os.path.join(root, split)
+    if not os.path.isdir(root):
+        raise DatasetError(f"data_path {root} does not exist")
+    if not os.path.isdir(path):
+        raise DatasetError(f"split directory {path} does not exist (expected {root}/train and {root}/val)")
+    try:
+        ds = datasets.ImageFolder(path, transform=transform, loader=load_rgb)
+    except FileNotFoundError as e:       # no class dirs, or a class dir without images
+        raise DatasetError(f"no images found under {path}: {str(e).splitlines()[0]}") from None
+    other = os.path.join(root, "val" if split == "train" else "train")
+    if os.path.isdir(other):             # a label index must mean the same class in both splits
+        try:
+            other_classes = find_classes(other)[0]
+        except FileNotFoundError:
+            other_classes = []
+        if other_classes != ds.classes:
+            train, val = (ds.classes, other_classes) if split == "train" else (other_classes, ds.classes)
+            diff = sorted(set(train) ^ set(val))[:5]
+            raise DatasetError(f"class folders differ between {root}/train ({len(train)} classes) and {root}/val "
+                               f"({len(val)} classes), e.g. {', '.join(diff)}")
+    return ds
+
+
+class _LocalCIFAR10(datasets.CIFAR10):
+    """CIFAR-10 read from disk without MD5 checks.
+
+    torchvision hashes every batch file against the published archive on each construction; those hashes guard a
+    download, and we never download. A corrupt file still fails when it is unpickled, with the directory named.
+    """
+    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+    meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+class _LocalCIFAR100(datasets.CIFAR100):
+    """CIFAR-100 read from disk without MD5 checks (see :class:`_LocalCIFAR10`)."""
+    train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
+    meta = {**datasets.CIFAR100.meta, "md5": None}
+
+
+def _cifar(cls, root: str, is_train: bool, transform):
+    folder = os.path.join(root, cls.base_folder)
+    needed = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    missing = [n for n in needed if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise DatasetError(f"{cls.__bases__[0].__name__} files not found: expected {folder}/ with {', '.join(needed)} "
+                           f"(missing {', '.join(missing)}; downloads are off, extract the python archive there)")
+    try:
+        return cls(root, train=is_train, transform=transform, download=False)
+    except Exception as e:  # noqa: BLE001 -- unpickling errors come in many types
+        raise DatasetError(f"cannot read CIFAR files in {folder}: {type(e).__name__}: {e}") from None
+
+
+def prepare_digits(root: str) -> None:
+    """Write scikit-learn's 1,797 digits once as ``root/{train,val}/<digit>/<i>.png`` (every 5th of a class to val).
+
+    The tree is built in a temporary sibling directory and renamed into place, so ranks that start together never
+    see half a tree: the first rename wins and the others discard their copy.
+    """
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        return
+    if os.path.isdir(root) and os.listdir(root):
+        raise DatasetError(f"data_path {root} exists but holds no digits tree (train/, val/); "
+                           f"point data_path at an empty or new directory")
+    import numpy as np
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".digits-", dir=parent)
+    try:
+        seen = [0] * 10
+        for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+            split = "val" if seen[label] % 5 == 4 else "train"
+            seen[label] += 1
+            out = os.path.join(tmp, split, str(label))
+            os.makedirs(out, exist_ok=True)
+            pixels = np.round(img * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(out, f"{i}.png"))
+        try:
+            os.rename(tmp, root)           # atomic; replaces an empty directory, fails if another rank won
+        except OSError:
+            if not os.path.isdir(os.path.join(root, "val")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_num_classes(cfg_nb_classes: Optional[int], dataset_classes: int) -> int:
+    """The class count to build the head with: the dataset's, which a set ``nb_classes`` must agree with."""
+    if cfg_nb_classes is not None and cfg_nb_classes != dataset_classes:
+        raise DatasetError(f"nb_classes: config says {cfg_nb_classes} but the dataset has {dataset_classes} classes; "
+                           f"set nb_classes: {dataset_classes} or leave it empty")
+    return dataset_classes
+
+
+def build_dataset(cfg, is_train: bool) -> Tuple[Dataset, int]:
+    """The ``train`` (or ``val``) split of ``cfg.data_set`` with DeiT's transforms, and its class count."""
+    transform = build_transform(cfg, is_train)
+    root = cfg.data_path
+    if cfg.data_set == "cifar10":
+        ds = _cifar(_LocalCIFAR10, root, is_train, transform)
+    elif cfg.data_set == "cifar100":
+        ds = _cifar(_LocalCIFAR100, root, is_train, transform)
+    elif cfg.data_set in ("imagenet", "folder", "digits"):
+        if cfg.data_set == "digits":
+            prepare_digits(root)
+        ds = _image_folder(root, "train" if is_train else "val", transform)
+    else:
+        raise DatasetError(f"data_set: unknown dataset '{cfg.data_set}' (imagenet, folder, cifar10, cifar100, digits)")
+    return ds, check_num_classes(cfg.nb_classes, len(ds.classes))
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+class RASampler(Sampler[int]):
+    """Repeated augmentation (Hoffer et al.; DeiT): each sample is drawn ``repeats`` times per epoch, and the copies
+    go to consecutive ranks so each process augments its own view.
+
+    As in DeiT an epoch is cut to a multiple of 256 samples over all ranks (so it sees about 1/repeats of the
+    data); a dataset smaller than 256 keeps its plain per-rank share instead of an empty epoch. Unlike DeiT this is
+    also used on a single process, where the copies land in the same batch.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, repeats: int = 3,
+                 seed: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.dataset, self.num_replicas, self.rank = dataset, num_replicas, rank
+        self.shuffle, self.repeats, self.seed, self.epoch = shuffle, repeats, seed, 0
+        n = len(dataset)
+        self.num_samples = math.ceil(n * repeats / num_replicas)       # per rank before the cut
+        self.total_size = self.num_samples * num_replicas
+        self.num_selected = (n // 256 * 256) // num_replicas or math.ceil(n / num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        stream = [i for i in order for _ in range(self.repeats)]
+        stream += stream[:self.total_size - len(stream)]               # pad so every rank gets as many
+        return iter(stream[self.rank:self.total_size:self.num_replicas][:self.num_selected])
+
+    def __len__(self) -> int:
+        return self.num_selected
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation shard ``range(rank, n, world_size)``: disjoint, unpadded, so metrics summed over ranks are exact.
+
+    ``dataset_len`` is the count the summed shards must reach.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0):
+        self.dataset_len = len(dataset)
+        self.indices = range(rank, self.dataset_len, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# ------------------------------------------------------------------------------------------------ loaders
+def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoader, DataLoader, int]:
+    """Train and val loaders for one process, and the class count.
+
+    ``seed`` must be the same on every rank: it orders the shared shuffle. Worker augmentation streams are seeded
+    with ``seed + rank`` so ranks do not augment in lockstep.
+    """
+    train_set, nb_classes = build_dataset(cfg, is_train=True)
+    val_set, _ = build_dataset(cfg, is_train=False)
+    if cfg.repeated_aug:
+        train_sampler = RASampler(train_set, world_size, rank, shuffle=True, repeats=cfg.ra_repeats, seed=seed)
+    else:
+        train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if len(train_sampler) < cfg.batch_size:
+        raise DatasetError(f"batch_size: {cfg.batch_size} is more than the {len(train_sampler)} training samples each "
+                           f"of {world_size} process(es) gets per epoch from {cfg.data_path}; lower batch_size")
+    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                  persistent_workers=cfg.num_workers > 0)
+    train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=cfg.batch_size, drop_last=True,
+                              generator=torch.Generator().manual_seed(seed + rank), **common)
+    val_loader = DataLoader(val_set, sampler=ShardSampler(val_set, world_size, rank),
+                            batch_size=int(1.5 * cfg.batch_size), drop_last=False, **common)
+    return train_loader, val_loader, nb_classes
+
+
+__all__ = ["DatasetError", "build_dataset", "build_transform", "build_loaders", "check_num_classes",
+           "prepare_digits", "load_rgb", "RASampler", "ShardSampler", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -1,0 +1,148 @@
+"""One training epoch and one evaluation pass (DeiT's ``engine.py``, with accumulation, clipping, AMP and checks)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distributed import all_reduce_sum
+from logger import Meter, RunLogger, Throughput, format_seconds
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class DistillationLoss(nn.Module):
+    """DeiT's distillation: the class token learns the labels, the distillation token learns from the teacher.
+
+    ``soft``: KL divergence of temperature-scaled distributions, times tau^2; ``hard``: cross-entropy against the
+    teacher's argmax. ``alpha`` weighs the distillation term. With ``none`` it is the base criterion alone.
+    """
+
+    def __init__(self, base: nn.Module, teacher: Optional[nn.Module], kind: str, alpha: float, tau: float):
+        super().__init__()
+        self.base, self.teacher, self.kind, self.alpha, self.tau = base, teacher, kind, alpha, tau
+
+    def forward(self, inputs: torch.Tensor, outputs, targets: torch.Tensor) -> torch.Tensor:
+        out_kd = None
+        if isinstance(outputs, (tuple, list)):
+            outputs, out_kd = outputs
+        base_loss = self.base(outputs, targets)
+        if self.kind == "none":
+            return base_loss
+        if out_kd is None:
+            raise RuntimeError("distillation needs a distilled model (e.g. deit_small_distilled_patch16_224) that "
+                               "returns class and distillation logits in training")
+        with torch.no_grad():
+            teacher_out = self.teacher(inputs)
+        if self.kind == "soft":
+            t = self.tau
+            kd = F.kl_div(F.log_softmax(out_kd / t, dim=1), F.log_softmax(teacher_out / t, dim=1),
+                          reduction="sum", log_target=True) * (t * t) / out_kd.numel()
+        else:
+            kd = F.cross_entropy(out_kd, teacher_out.argmax(dim=1))
+        return base_loss * (1 - self.alpha) + kd * self.alpha
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, num_epochs: int, log: RunLogger, *,
+                    amp_dtype: Optional[torch.dtype] = None, scaler: Optional[torch.amp.GradScaler] = None,
+                    model_ema=None, mixup_fn=None, clip_grad: Optional[float] = None, accum_steps: int = 1,
+                    print_freq: int = 20, world_size: int = 1, kept_tokens: Optional[int] = None,
+                    global_step: int = 0) -> Dict[str, Any]:
+    """Train for one epoch; returns averaged metrics. Stops with :class:`NonFiniteLossError` on a NaN/inf loss."""
+    model.train()
+    if criterion is not None:
+        criterion.train()
+    loss_meter = Meter()
+    num_iters = len(loader)
+    meter = Throughput(num_iters)
+    optimizer.zero_grad(set_to_none=True)
+    data_time = 0.0
+    t_data = time.perf_counter()
+    for it, (images, targets) in enumerate(loader):
+        data_time += time.perf_counter() - t_data
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        update = (it + 1) % accum_steps == 0 or it + 1 == num_iters
+        sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast(device, amp_dtype):
+                outputs = model(images)
+                loss = criterion(images, outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} iteration {it}: stopping; the last "
+                                         f"checkpoint was written before this epoch and is intact")
+            scaled = loss / accum_steps
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if update:
+            if scaler is not None:
+                if clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                if clip_grad is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model)
+        if device.type == "cuda" and (it % print_freq == 0 or it + 1 == num_iters):
+            torch.cuda.synchronize(device)
+        loss_meter.update(loss_value, images.shape[0])
+        meter.step(images.shape[0] * world_size)
+        lr = optimizer.param_groups[0]["lr"]
+        if it % print_freq == 0 or it + 1 == num_iters or log.live:
+            tokens = f" tokens {kept_tokens}" if kept_tokens is not None else ""
+            log.progress(f"Epoch [{epoch + 1}/{num_epochs}] [{it + 1}/{num_iters}] eta {format_seconds(meter.eta(it + 1))} "
+                         f"loss {loss_value:.4f} ({loss_meter.avg:.4f}) lr {lr:.3e} {meter.rate():.1f} img/s{tokens}",
+                         final=it + 1 == num_iters)
+        if it % print_freq == 0:
+            log.scalar("iter/loss", loss_value, global_step + it)
+            log.scalar("iter/lr", lr, global_step + it)
+        t_data = time.perf_counter()
+    total, count = all_reduce_sum([loss_meter.total, loss_meter.count], device)
+    return {"loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"], "images_per_s": meter.rate(),
+            "epoch_seconds": meter.elapsed(), "data_seconds": data_time, "iters": num_iters}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+    """Top-1/top-5 and loss over the whole (sharded, unpadded) validation set, summed exactly across ranks."""
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]   # loss, top1, top5, count
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        sums[0] += F.cross_entropy(output, targets, reduction="sum").item()
+        top5 = output.topk(min(5, output.shape[1]), dim=1).indices
+        hit = top5 == targets[:, None]
+        sums[1] += hit[:, 0].sum().item()
+        sums[2] += hit.any(dim=1).sum().item()
+        sums[3] += images.shape[0]
+    loss, top1, top5, count = all_reduce_sum(sums, device)
+    count = max(count, 1)
+    return {"loss": loss / count, "acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "count": int(count)}
