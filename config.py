@@ -121,6 +121,7 @@ class Config:
     distillation_type: str = "none"            # none | soft | hard
     teacher_model: str = "regnety_160"
     teacher_path: str = ""                     # local checkpoint file of the teacher
+    teacher_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
     distillation_alpha: float = 0.5
     distillation_tau: float = 1.0
     # --- methods ---------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
 def deep_merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
     out = dict(base)
     for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "model_kwargs":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("model_kwargs", "teacher_kwargs"):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v

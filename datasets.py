@@ -45,7 +45,7 @@ def build_transform(cfg, is_train: bool):
         from timm.data import create_transform
         t = create_transform(size, is_training=True, color_jitter=cfg.color_jitter, auto_augment=cfg.aa,
                              interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode,
-                             re_count=cfg.recount)
+                             re_count=cfg.recount, scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
         if small:
             t.transforms[0:1] = [transforms.Resize(size, interpolation=bicubic),
                                  transforms.RandomCrop(size, padding=4)]
@@ -270,8 +270,9 @@ class ShardSampler(Sampler[int]):
 def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoader, DataLoader, int]:
     """Train and val loaders for one process, and the class count.
 
-    ``seed`` must be the same on every rank: it orders the shared shuffle. Worker augmentation streams are seeded
-    with ``seed + rank`` so ranks do not augment in lockstep.
+    ``seed`` must be the same on every rank: it orders the shared shuffle. Training workers are started afresh each
+    epoch and take their seeds from torch's global generator, which ``main.py`` reseeds per epoch and per rank: so
+    ranks do not augment in lockstep, and a resumed run draws the same augmentations as an uninterrupted one.
     """
     train_set, nb_classes = build_dataset(cfg, is_train=True)
     val_set, _ = build_dataset(cfg, is_train=False)
@@ -282,12 +283,10 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoade
     if len(train_sampler) < cfg.batch_size:
         raise DatasetError(f"batch_size: {cfg.batch_size} is more than the {len(train_sampler)} training samples each "
                            f"of {world_size} process(es) gets per epoch from {cfg.data_path}; lower batch_size")
-    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                  persistent_workers=cfg.num_workers > 0)
-    train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=cfg.batch_size, drop_last=True,
-                              generator=torch.Generator().manual_seed(seed + rank), **common)
-    val_loader = DataLoader(val_set, sampler=ShardSampler(val_set, world_size, rank),
-                            batch_size=int(1.5 * cfg.batch_size), drop_last=False, **common)
+    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and torch.cuda.is_available())
+    train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=cfg.batch_size, drop_last=True, **common)
+    val_loader = DataLoader(val_set, sampler=ShardSampler(val_set, world_size, rank), batch_size=int(1.5 * cfg.batch_size),
+                            drop_last=False, persistent_workers=cfg.num_workers > 0, **common)
     return train_loader, val_loader, nb_classes
 
 

@@ -83,7 +83,7 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
     teacher = None
     if cfg.distillation_type != "none":
         import timm
-        teacher = timm.create_model(cfg.teacher_model, pretrained=False, num_classes=nb_classes)
+        teacher = timm.create_model(cfg.teacher_model, pretrained=False, num_classes=nb_classes, **cfg.teacher_kwargs)
         ckpt_io.load_weights_strict(teacher, ckpt_io.model_state(ckpt_io.load_checkpoint(cfg.teacher_path)),
                                     f"teacher_path {cfg.teacher_path}")
         teacher.to(device).eval()

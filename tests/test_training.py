@@ -1,0 +1,188 @@
+"""End-to-end runs of main.py on the embedded digits data: outputs, checkpoints, resume, faults, DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import engine
+import main as entry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
+        "--epochs", "2", "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]", "--num_workers", "0",
+        "--batch_size", "128", "--warmup_epochs", "1", "--print_freq", "5"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data") / "digits")
+
+
+def run(digits, out, *extra):
+    return entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, *extra])
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def val_size(root):
+    return sum(len(files) for _, _, files in os.walk(os.path.join(root, "val")))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_tiny_run_writes_every_output(digits, tmp_path, capsys):
+    assert run(digits, tmp_path) == 0
+    for name in ("config.yaml", "log.jsonl", "checkpoint.pth", "best.pth", "summary.json"):
+        assert os.path.isfile(tmp_path / name), name
+    assert any(f.startswith("events.") for f in os.listdir(tmp_path / "tensorboard"))
+    log = read_log(tmp_path)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert [(r["toe_stage"], r["kept_tokens"]) for r in log] == [(1, 8), (2, 16)]
+    for key in ("train_loss", "train_lr", "train_images_per_s", "train_epoch_seconds", "val_acc1", "val_acc5",
+                "val_ema_acc1", "best_acc1"):
+        assert key in log[0], key
+    assert log[0]["val_count"] == val_size(digits)        # the whole val split, evaluated once
+    ckpt = load(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 1 and isinstance(ckpt["config"], dict) and ckpt["config"]["toe"]["keep_rates"] == [0.5, 1.0]
+    assert set(ckpt) >= {"model", "model_ema", "optimizer", "lr_scheduler", "scaler", "epoch", "config"}
+    # the weights are plain timm weights
+    plain = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, embed_dim=32,
+                              depth=2, num_heads=2)
+    plain.load_state_dict(ckpt["model"])
+    plain.load_state_dict(ckpt["model_ema"])
+    out = capsys.readouterr().out
+    assert "ToE stage 1, 8/16 tokens" in out and "ToE stage 2, 16/16 tokens" in out
+    assert "outputs:" in out and "final val top-1" in out
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(digits, tmp_path, monkeypatch):
+    assert run(digits, tmp_path / "straight", "--num_workers", "1") == 0
+
+    calls = {"n": 0}
+    real = entry.train_one_epoch
+
+    def stop_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(entry, "train_one_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(digits, tmp_path / "split", "--num_workers", "1")
+    assert load(tmp_path / "split" / "checkpoint.pth")["epoch"] == 0
+    monkeypatch.setattr(entry, "train_one_epoch", real)
+    assert run(digits, tmp_path / "split", "--num_workers", "1", "--resume", "auto") == 0
+
+    a, b = load(tmp_path / "straight" / "checkpoint.pth"), load(tmp_path / "split" / "checkpoint.pth")
+    for key in ("model", "model_ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    assert read_log(tmp_path / "split")[-1]["toe_stage"] == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path, monkeypatch, capsys):
+    real = engine.DistillationLoss.forward
+    seen = {"epoch1": False}
+
+    def nan_in_second_epoch(self, inputs, outputs, targets):
+        loss = real(self, inputs, outputs, targets)
+        return loss * float("nan") if seen["epoch1"] else loss
+
+    monkeypatch.setattr(engine.DistillationLoss, "forward", nan_in_second_epoch)
+    real_eval = entry.evaluate
+
+    def mark(*a, **k):
+        seen["epoch1"] = True
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(entry, "evaluate", mark)
+    assert run(digits, tmp_path) == 1
+    assert "loss is nan at epoch 1" in capsys.readouterr().err
+    assert load(tmp_path / "checkpoint.pth")["epoch"] == 0
+    assert not os.path.exists(tmp_path / "checkpoint.pth.tmp")
+
+
+def test_eval_only_and_checkpoint_from_another_model(digits, tmp_path, capsys):
+    assert run(digits, tmp_path / "a") == 0
+    ckpt = str(tmp_path / "a" / "best.pth")
+    assert run(digits, tmp_path / "eval", "--eval", "true", "--resume", ckpt) == 0
+    out = capsys.readouterr().out
+    assert "eval model: top-1" in out and "eval ema: top-1" in out
+    wider = ["--model_kwargs", "{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"]
+    assert run(digits, tmp_path / "b", "--resume", ckpt, *wider) == 1
+    assert "is from another model" in capsys.readouterr().err
+
+
+def test_finetune_replaces_head_and_resamples_position_embedding(tmp_path):
+    import checkpoint as ckpt_io
+    src = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    dst = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    ckpt_io.save_checkpoint({"model": src.state_dict()}, str(tmp_path / "src.pth"))
+    state = ckpt_io.model_state(ckpt_io.load_checkpoint(str(tmp_path / "src.pth")))
+    report = ckpt_io.adapt_for_finetune(dst, state, "src.pth")
+    assert sorted(report["dropped"]) == ["head.bias", "head.weight"]
+    assert report["resampled"] and dst.pos_embed.shape == (1, 1 + 64, 32)
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert torch.equal(dst.pos_embed[:, 0], src.pos_embed[:, 0])     # the class token's embedding is kept
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_distillation_with_a_local_teacher(digits, tmp_path, kind):
+    teacher = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=16, patch_size=4, embed_dim=32,
+                                depth=1, num_heads=2)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    code = run(digits, tmp_path / "run", "--model", "deit_tiny_distilled_patch16_224", "--epochs", "1",
+               "--toe.expansion_steps", "[0]", "--toe.keep_rates", "[0.5]",
+               "--distillation_type", kind, "--teacher_model", "vit_tiny_patch16_224",
+               "--teacher_kwargs", "{img_size: 16, patch_size: 4, embed_dim: 32, depth: 1, num_heads: 2}",
+               "--teacher_path", str(tmp_path / "teacher.pth"))
+    assert code == 0
+    log = read_log(tmp_path / "run")
+    assert log[0]["kept_tokens"] == 8 and log[0]["train_loss"] > 0
+
+
+def test_distillation_loss_terms():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    teacher = torch.nn.Linear(3, 5)
+    cls, dist = torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.tensor([0, 1, 2, 3])
+    ce = torch.nn.CrossEntropyLoss()
+    hard = engine.DistillationLoss(ce, teacher, "hard", alpha=0.5, tau=1.0)(x, (cls, dist), y)
+    expected = 0.5 * ce(cls, y) + 0.5 * ce(dist, teacher(x).argmax(1))
+    torch.testing.assert_close(hard, expected)
+    tau = 2.0
+    soft = engine.DistillationLoss(ce, teacher, "soft", alpha=0.3, tau=tau)(x, (cls, dist), y)
+    p_t = torch.softmax(teacher(x) / tau, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(dist / tau, 1))).sum() * tau * tau / dist.numel()
+    torch.testing.assert_close(soft, 0.7 * ce(cls, y) + 0.3 * kl)
+    with pytest.raises(RuntimeError, match="distilled model"):
+        engine.DistillationLoss(ce, teacher, "hard", 0.5, 1.0)(x, cls, y)
+
+
+def test_two_process_torchrun_with_gloo(digits, tmp_path):
+    from datasets import prepare_digits
+    prepare_digits(digits)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "main.py"), "--config", DEMO, "--data_path", digits, "--output_dir", str(tmp_path / "ddp"),
+           *TINY, "--batch_size", "64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = read_log(tmp_path / "ddp")
+    assert len(log) == 2 and log[-1]["val_count"] == val_size(digits)   # the ranks' disjoint shards add up
+    assert [r["kept_tokens"] for r in log] == [8, 16]
+    assert res.stdout.count("Epoch 2/2:") == 1               # only rank 0 reports
+    ckpt = load(tmp_path / "ddp" / "checkpoint.pth")
+    assert not any(k.startswith("module.") for k in ckpt["model"])
