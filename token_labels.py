@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -485,3 +485,22 @@ class TokenLabelLoss(nn.Module):
             loss = loss + self.dense_weight * soft_cross_entropy(aux.reshape(-1, num_classes),
                                                                  targets.dense.reshape(-1, num_classes))
         return loss
+
+
+class TokenLabelCriterion(nn.Module):
+    """The training criterion in the engine's ``criterion(images, outputs, targets)`` form, for
+    ``targets = (class_target, label)`` of a :class:`TokenLabelDataset` batch already on the device: builds the
+    crop-aware targets (:func:`token_label_targets`) and applies :class:`TokenLabelLoss`."""
+
+    def __init__(self, num_classes: int, size: Union[int, Tuple[int, int]], smoothing: float = 0.0,
+                 cls_weight: float = 1.0, dense_weight: float = 1.0, cls_source: str = "label_map"):
+        super().__init__()
+        if cls_source not in CLS_SOURCES:
+            raise ValueError(f"token_label.cls_target '{cls_source}' is not one of {', '.join(CLS_SOURCES)}")
+        self.num_classes, self.size, self.smoothing, self.cls_source = num_classes, size, smoothing, cls_source
+        self.loss = TokenLabelLoss(cls_weight, dense_weight)
+
+    def forward(self, inputs: torch.Tensor, outputs, targets) -> torch.Tensor:
+        class_target, label = targets
+        t = token_label_targets(label, self.num_classes, self.size, self.smoothing, class_target, self.cls_source)
+        return self.loss(outputs, t)

@@ -54,21 +54,16 @@ class MixBox(NamedTuple):
         return 1.0 - self.area / float(self.grid_h * self.grid_w)
 
 
-def sample_mix_box(grid_h: int, grid_w: int, beta: float = 1.0, generator: Optional[torch.Generator] = None) -> MixBox:
+def sample_mix_box(grid_h: int, grid_w: int, beta: float = 1.0) -> MixBox:
     """CutMix's box on the token grid: side ``sqrt(1 - lam)`` of the grid, ``lam ~ Beta(beta, beta)``, random centre,
     clipped at the border (so the effective ``lam`` of the returned box can be larger than the sampled one).
 
-    Uses torch's CPU generator (seeded by ``torch.manual_seed``), not NumPy's global state.
+    Drawn from torch's CPU generator (seeded by ``torch.manual_seed``), not NumPy's global state.
     """
-    if beta == 1.0:   # Beta(1, 1) is uniform; avoids torch.distributions for the common case
-        lam = torch.rand((), generator=generator).item()
-    else:
-        g1 = torch._standard_gamma(torch.tensor([beta, beta], dtype=torch.float64))
-        lam = (g1[0] / g1.sum()).item()
+    lam = torch.distributions.Beta(float(beta), float(beta)).sample().item()
     cut = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(grid_h * cut), int(grid_w * cut)
-    cy = int(torch.randint(grid_h, (), generator=generator))
-    cx = int(torch.randint(grid_w, (), generator=generator))
+    cy, cx = int(torch.randint(grid_h, ())), int(torch.randint(grid_w, ()))
     top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, grid_h)
     left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, grid_w)
     return MixBox(top, bottom, left, right, grid_h, grid_w)

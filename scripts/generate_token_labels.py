@@ -6,7 +6,8 @@
         --model dm_nfnet_f6 --checkpoint weights/nfnet_f6.pth --img-size 576 --topk 5 --batch-size 64
 
     # pack the published per-image files (<label_root>/<class_dir>/<stem>.pt, [2, k, H, W]) instead
-    python scripts/generate_token_labels.py data/imagenet/train --out labels/imagenet_nfnet --convert-pt label_top5_train_nfnet
+    python scripts/generate_token_labels.py data/imagenet/train --out labels/imagenet_nfnet \\
+        --convert-pt label_top5_train_nfnet
 
 The classifier becomes a per-location classifier over the final feature grid: a ViT's head is applied to every
 patch token (an ``aux_head`` if the model has one), a CNN's pooled classifier is applied as a 1x1 convolution to the
@@ -49,7 +50,8 @@ class Progress:
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         eta_s = "--" if eta == float("inf") else time.strftime("%H:%M:%S", time.gmtime(eta))
-        line = f"token labels: {done}/{self.total} images ({100.0 * done / max(self.total, 1):.1f}%) {rate:.1f} img/s eta {eta_s}"
+        pct = 100.0 * done / max(self.total, 1)
+        line = f"token labels: {done}/{self.total} images ({pct:.1f}%) {rate:.1f} img/s eta {eta_s}"
         if self.live:
             self.stream.write("\r" + line + ("\n" if final else ""))
         else:

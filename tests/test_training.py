@@ -186,3 +186,17 @@ def test_two_process_torchrun_with_gloo(digits, tmp_path):
     assert res.stdout.count("Epoch 2/2:") == 1               # only rank 0 reports
     ckpt = load(tmp_path / "ddp" / "checkpoint.pth")
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_full_deit_recipe_switches_together(digits, tmp_path, capsys):
+    """RandAugment, mixup/cutmix, erasing, repeated augmentation, accumulation, clipping and checkpointing at once."""
+    code = run(digits, tmp_path, "--epochs", "1", "--toe.expansion_steps", "[0]", "--toe.keep_rates", "[0.5]",
+               "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
+               "--repeated_aug", "true", "--grad_accum_steps", "2", "--clip_grad", "1.0",
+               "--grad_checkpointing", "true", "--batch_size", "32", "--hflip", "0.5")
+    assert code == 0
+    out = capsys.readouterr().out
+    # lr 1e-3 for a batch of 64, scaled to the global batch 32 x 1 process x 2 accumulation steps = 64
+    assert "lr 1.000e-03" in out and "accum 2" in out
+    log = read_log(tmp_path)
+    assert log[0]["kept_tokens"] == 8 and log[0]["train_loss"] > 0
