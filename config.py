@@ -218,7 +218,7 @@ def _build(cls, data: Dict[str, Any], prefix: str = ""):
     for key, value in data.items():
         if key not in hints:
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys are listed in README.md"
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else "; valid keys are listed in README.md"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)

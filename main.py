@@ -9,7 +9,6 @@ Every ``--key value`` after the config overrides that key (``--toe.keep_rates [0
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import timm
-import torch
 from torch import nn
 
 from toe import apply_toe
