@@ -48,6 +48,16 @@ class ToEConfig:
 
 
 @dataclass
+class TokenLabelConfig:
+    """LV-ViT token labeling: dense teacher labels from a packed store (scripts/generate_token_labels.py)."""
+    data: str = "data/token_labels"            # the packed label store directory
+    size: int = 14                             # token grid of the dense targets: input_size / patch size
+    cls_weight: float = 1.0
+    dense_weight: float = 1.0
+    cls_target: str = "label_map"              # label_map | ground_truth | corrected
+
+
+@dataclass
 class Config:
     # --- run -------------------------------------------------------------------------------------------------
     output_dir: str = "runs/default"
@@ -126,12 +136,13 @@ class Config:
     distillation_tau: float = 1.0
     # --- methods ---------------------------------------------------------------------------------------------
     toe: Optional[ToEConfig] = None
+    token_label: Optional[TokenLabelConfig] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"toe": ToEConfig}
+SECTIONS = {"toe": ToEConfig, "token_label": TokenLabelConfig}
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "data_set": ("imagenet", "cifar10", "cifar100", "folder", "digits"),
@@ -144,6 +155,7 @@ CHOICES = {
     "distillation_type": ("none", "soft", "hard"),
     "toe.distance": DISTANCES,
     "toe.distance_mode": DISTANCE_MODES,
+    "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
 }
 NON_NEGATIVE = ("seed", "num_workers", "drop", "drop_path", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
                 "smoothing", "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "distillation_alpha",
@@ -326,6 +338,16 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"teacher_path: distillation_type '{cfg.distillation_type}' needs a local teacher checkpoint file")
     if cfg.eval and not (cfg.resume or cfg.finetune):
         raise ConfigError("eval: true needs weights: set resume (or finetune) to a checkpoint path")
+    if cfg.token_label is not None:
+        for key in ("mixup", "cutmix"):
+            if getattr(cfg, key) > 0:
+                raise ConfigError(f"{key}: must be 0 with token_label (MixToken replaces mixup and cutmix)")
+        if cfg.distillation_type != "none":
+            raise ConfigError("distillation_type: must be none with token_label (the dense labels are the teacher)")
+        if cfg.data_set not in ("imagenet", "folder", "digits"):
+            raise ConfigError(f"data_set: token_label needs an ImageFolder dataset (imagenet, folder), not {cfg.data_set}")
+        if cfg.token_label.size <= 0:
+            raise ConfigError(f"token_label.size: {cfg.token_label.size} must be > 0")
     if cfg.toe is not None:
         try:
             cfg.toe.schedule()

@@ -49,10 +49,7 @@ def build_transform(cfg, is_train: bool):
         if small:
             t.transforms[0:1] = [transforms.Resize(size, interpolation=bicubic),
                                  transforms.RandomCrop(size, padding=4)]
-        for op in _augment_ops(t):
-            if op.name.startswith("Posterize"):
-                op.aug_fn = _posterize
-        return t
+        return fix_posterize(t)
     resize = size if small else int(size / cfg.eval_crop_ratio)
     return transforms.Compose([
         transforms.Resize(resize, interpolation=bicubic),
@@ -60,6 +57,14 @@ def build_transform(cfg, is_train: bool):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def fix_posterize(t):
+    """Swap timm's posterize for :func:`_posterize` inside any RandAugment / AutoAugment of ``t``."""
+    for op in _augment_ops(t):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize
+    return t
 
 
 def _augment_ops(t) -> list:
@@ -205,9 +210,21 @@ def build_dataset(cfg, is_train: bool) -> Tuple[Dataset, int]:
         if cfg.data_set == "digits":
             prepare_digits(root)
         ds = _image_folder(root, "train" if is_train else "val", transform)
+        if is_train and getattr(cfg, "token_label", None) is not None:
+            ds = _with_token_labels(cfg, ds)
     else:
         raise DatasetError(f"data_set: unknown dataset '{cfg.data_set}' (imagenet, folder, cifar10, cifar100, digits)")
     return ds, check_num_classes(cfg.nb_classes, len(ds.classes))
+
+
+def _with_token_labels(cfg, images: datasets.ImageFolder) -> Dataset:
+    """LV-ViT's training set: the crop and flip are drawn once for the image and its dense label map."""
+    from token_labels import TokenLabelDataset, build_image_transform
+    image_transform = fix_posterize(build_image_transform(cfg.input_size, cfg.color_jitter, cfg.aa,
+                                                          cfg.train_interpolation, cfg.reprob, cfg.remode, cfg.recount))
+    return TokenLabelDataset(images, cfg.token_label.data, cfg.input_size, num_classes=len(images.classes),
+                             scale=tuple(cfg.crop_scale), hflip=cfg.hflip, interpolation=cfg.train_interpolation,
+                             image_transform=image_transform)
 
 
 # ------------------------------------------------------------------------------------------------ samplers

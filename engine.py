@@ -50,6 +50,17 @@ class DistillationLoss(nn.Module):
         return base_loss * (1 - self.alpha) + kd * self.alpha
 
 
+def to_device(obj, device: torch.device):
+    """Tensors, and tuples/dicts of them, on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     if amp_dtype is None:
         return contextlib.nullcontext()
@@ -72,10 +83,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     optimizer.zero_grad(set_to_none=True)
     data_time = 0.0
     t_data = time.perf_counter()
-    for it, (images, targets) in enumerate(loader):
+    for it, batch in enumerate(loader):
         data_time += time.perf_counter() - t_data
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        images = batch[0].to(device, non_blocking=True)
+        # (images, class) or, with token labels, (images, class, label map): the criterion gets the rest as targets
+        targets = to_device(batch[1] if len(batch) == 2 else tuple(batch[1:]), device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         update = (it + 1) % accum_steps == 0 or it + 1 == num_iters

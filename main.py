@@ -26,6 +26,7 @@ from engine import DistillationLoss, NonFiniteLossError, evaluate, train_one_epo
 from logger import RunLogger, format_seconds
 from models import create_model, num_patches
 from toe import find_toe, set_epoch
+from token_labels import TokenLabelError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -79,6 +80,10 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
         base = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
         base = nn.CrossEntropyLoss()
+    if cfg.token_label is not None:
+        from token_labels import TokenLabelCriterion
+        tl = cfg.token_label
+        return TokenLabelCriterion(nb_classes, tl.size, cfg.smoothing, tl.cls_weight, tl.dense_weight, tl.cls_target), None
     teacher = None
     if cfg.distillation_type != "none":
         import timm
@@ -109,6 +114,10 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     train_loader, val_loader, nb_classes = build_loaders(cfg, dist.rank, dist.world_size, cfg.seed)
     check_num_classes(cfg.nb_classes, nb_classes)
     model = create_model(cfg, nb_classes)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if cfg.token_label is not None and grid is not None and tuple(grid) != (cfg.token_label.size,) * 2:
+        raise ConfigError(f"token_label.size: {cfg.token_label.size} does not match the model's {tuple(grid)} token grid "
+                          f"at input_size {cfg.input_size}; set it to input_size / patch size")
     if cfg.distillation_type != "none":
         if not hasattr(model, "set_distilled_training"):
             raise ConfigError(f"distillation_type: '{cfg.distillation_type}' needs a distilled model "
@@ -254,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run(cfg, dist)
         return 0
-    except (ConfigError, DatasetError, ckpt_io.CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, DatasetError, TokenLabelError, ckpt_io.CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

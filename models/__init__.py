@@ -12,6 +12,8 @@ from torch import nn
 
 from toe import apply_toe
 
+from . import lvvit  # noqa: F401  (registers lvvit_t/s/m/l with timm)
+
 
 def create_model(cfg, num_classes: int, **overrides: Any) -> nn.Module:
     """Build ``cfg.model`` for ``num_classes`` classes at ``cfg.input_size``, then apply ToE if configured."""

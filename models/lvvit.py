@@ -312,6 +312,6 @@ def lvvit_m(pretrained: bool = False, **kwargs) -> LVViT:
 
 @register_model
 def lvvit_l(pretrained: bool = False, **kwargs) -> LVViT:
-    """LV-ViT-L: 24 blocks, dim 768, 12 heads, skip_lam 3, 128-channel stem, 150.5M parameters."""
+    """LV-ViT-L: 24 blocks, dim 768, 12 heads, skip_lam 3, 128-channel stem: 150.0M parameters at 224 px (150.5M at 448)."""
     args = dict(patch_size=16, embed_dim=768, depth=24, num_heads=12, mlp_ratio=3.0, skip_lam=3.0, stem_chans=128)
     return _create("lvvit_l", pretrained, **dict(args, **kwargs))

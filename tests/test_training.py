@@ -200,3 +200,32 @@ def test_full_deit_recipe_switches_together(digits, tmp_path, capsys):
     assert "lr 1.000e-03" in out and "accum 2" in out
     log = read_log(tmp_path)
     assert log[0]["kept_tokens"] == 8 and log[0]["train_loss"] > 0
+
+
+def test_lvvit_with_token_labels_and_toe_end_to_end(digits, tmp_path, capsys):
+    """Labels from the generation script (a tiny timm teacher), then LV-ViT + token labeling + ToE through main.py."""
+    from datasets import prepare_digits
+    prepare_digits(digits)
+    labels = str(tmp_path / "labels")
+    gen = [sys.executable, os.path.join(ROOT, "scripts", "generate_token_labels.py"), os.path.join(digits, "train"),
+           "--out", labels, "--model", "vit_tiny_patch16_224", "--img-size", "64", "--topk", "3",
+           "--model-kwargs", '{"embed_dim": 32, "depth": 1, "num_heads": 2}', "--workers", "0", "--batch-size", "256"]
+    res = subprocess.run(gen, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    code = entry.main([
+        "--config", os.path.join(ROOT, "configs", "lvvit_t_toe.yaml"), "--data_set", "digits", "--data_path", digits,
+        "--output_dir", str(tmp_path / "run"), "--input_size", "64", "--token_label.size", "4",
+        "--token_label.data", labels, "--model_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_chans: 8}",
+        "--epochs", "2", "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]",
+        "--toe.init_keep_rate", "0.25", "--batch_size", "128", "--num_workers", "0", "--warmup_epochs", "1",
+        "--aa", "rand-m9-mstd0.5-inc1", "--amp", "none"])
+    assert code == 0, capsys.readouterr().err
+    log = read_log(tmp_path / "run")
+    assert [(r["toe_stage"], r["kept_tokens"]) for r in log] == [(1, 8), (2, 16)]
+    assert log[0]["val_count"] == val_size(digits) and log[-1]["train_loss"] > 0
+    # a token-grid mismatch is caught before training
+    code = entry.main(["--config", os.path.join(ROOT, "configs", "lvvit_t.yaml"), "--data_set", "digits",
+                       "--data_path", digits, "--output_dir", str(tmp_path / "bad"), "--input_size", "64",
+                       "--token_label.data", labels, "--num_workers", "0",
+                       "--model_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_chans: 8}"])
+    assert code == 1 and "token_label.size: 14 does not match" in capsys.readouterr().err

@@ -28,7 +28,13 @@ _CACHE: Dict[Tuple, torch.Tensor] = {}
 
 
 def _cached(key: Tuple, make) -> torch.Tensor:
-    """A constant index tensor, built once per key (shape, rate, device) and then reused by every call."""
+    """A constant index tensor, built once per key (shape, rate, device) and then reused by every eager call.
+
+    Under ``torch.compile`` it is built inside the graph instead (a free constant there): looking it up in this
+    module-level dict would make dynamo guard on the dict and recompile whenever another shape adds an entry.
+    """
+    if torch.compiler.is_compiling():
+        return make()
     value = _CACHE.get(key)
     if value is None:
         value = _CACHE[key] = make()
