@@ -7,8 +7,9 @@ Two halves, used by ``scripts/flops.py`` and ``scripts/benchmark.py``:
   one fused multiply-add as one FLOP (so these are MACs, the unit of the DeiT/ToE papers). It has no handle for
   ``aten::scaled_dot_product_attention`` (timm's fused attention), so we register one; without it the attention
   products ``q@k^T`` and ``attn@v`` would silently count as zero. The ToE operator is reported on its own line:
-  its pairwise score matrix (a matmul, or ``cdist`` for the non-cosine distances) is counted; its ``topk`` /
-  ``gather`` / ``scatter_add`` / division are memory operations and, like every elementwise op, are not.
+  its scores of every patch token against the kept ones (matmuls, or ``cdist`` for the non-cosine distances)
+  are counted; its ``topk`` / ``index_select`` / ``index_add`` / division are memory operations and, like every
+  elementwise op, are not.
 * **Throughput** (:func:`benchmark_training`, :func:`benchmark_inference`): real optimizer steps with full tokens and
   in every reducing ToE stage, interleaved round-robin in one process so that machine drift hits every variant alike,
   against the FLOPs-ideal speed-up. The efficiency ``measured / ideal`` is what a user of ToE actually gets.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import create_model
-from toe import find_toe, iter_toe
+from toe import find_toe, iter_toe, set_sparse_eval
 
 # Training images per epoch. imagenet: the ILSVRC-2012 train split; cifar: the train splits; digits: the
 # scikit-learn digits minus every 5th image of each class, which datasets.prepare_digits holds out for val.
@@ -66,7 +67,8 @@ def analytic_vit_flops(img_size: int = 224, patch_size: int = 16, embed_dim: int
     patch embedding ``N*C*in*p^2``; each block ``(4 + 2*mlp_ratio)*n*C^2 + 2*n^2*C`` with ``n`` tokens including the
     prefix (qkv 3nC^2, proj nC^2, MLP 2*mlp_ratio*nC^2, q@k^T and attn@v n^2C each); head ``C*classes`` per head
     (``num_heads_out=2`` for distilled DeiT). Norms, activations, softmax and the ToE operator itself are left out,
-    as in the papers' tables; ``toe_scores`` gives the operator's score matmul ``N^2*C`` separately.
+    as in the papers' tables; ``toe_scores`` gives the operator's cosine scores ``M*N*C`` separately
+    (every patch against each of the ``M`` kept ones).
     """
     patches = (img_size // patch_size) ** 2
     full = patches + num_prefix_tokens
@@ -79,23 +81,31 @@ def analytic_vit_flops(img_size: int = 224, patch_size: int = 16, embed_dim: int
     patch_embed = patches * c * in_chans * patch_size ** 2
     blocks = sum(block(full if i < insert_block else reduced) for i in range(depth))
     head = c * num_classes * num_heads_out
-    toe_scores = 0.0 if kept_patches is None else patches * patches * c
+    toe_scores = 0.0 if kept_patches is None else kept_patches * patches * c
     return {"patch_embed": float(patch_embed), "blocks": float(blocks), "head": float(head),
             "toe_scores": float(toe_scores), "total": float(patch_embed + blocks + head)}
 
 
+def input_channels(model: nn.Module) -> int:
+    """Image channels the model takes: those of the first convolution of its patch embedding (3 if none)."""
+    conv = next((m for m in getattr(model, "patch_embed", model).modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
 def vit_dims(model: nn.Module) -> Dict[str, Any]:
-    """The arguments of :func:`analytic_vit_flops` read off a timm VisionTransformer (``None`` if it is not one)."""
+    """The arguments of :func:`analytic_vit_flops` read off a timm VisionTransformer; ``{}`` for anything else
+    (e.g. LV-ViT's convolutional stem), for which only the fvcore count is given."""
     pe, blocks = getattr(model, "patch_embed", None), getattr(model, "blocks", None)
     proj = getattr(pe, "proj", None)
-    if not isinstance(proj, nn.Conv2d) or blocks is None or not hasattr(blocks[0], "mlp"):
+    convs = [m for m in pe.modules() if isinstance(m, nn.Conv2d)] if pe is not None else []
+    if convs != [proj] or blocks is None or not hasattr(blocks[0], "mlp"):
+        return {}
+    grid = getattr(pe, "grid_size", None)
+    if grid is None or grid[0] != grid[1] or proj.kernel_size[0] != proj.kernel_size[1]:
         return {}
     fc1 = getattr(blocks[0].mlp, "fc1", None)
     embed_dim = proj.out_channels
     heads = [h for h in (getattr(model, "head", None), getattr(model, "head_dist", None)) if isinstance(h, nn.Linear)]
-    grid = pe.grid_size if hasattr(pe, "grid_size") else None
-    if grid is None or grid[0] != grid[1] or proj.kernel_size[0] != proj.kernel_size[1]:
-        return {}
     return dict(img_size=grid[0] * proj.kernel_size[0], patch_size=proj.kernel_size[0], embed_dim=embed_dim,
                 depth=len(blocks), num_classes=heads[0].out_features if heads else 0,
                 mlp_ratio=(fc1.out_features / embed_dim) if fc1 is not None else 4.0,
@@ -206,17 +216,21 @@ class StageFlops:
 def model_flops(cfg, num_classes: int, input_size: Optional[int] = None) -> Dict[str, Any]:
     """fvcore and analytic forward FLOPs of ``cfg.model`` with full tokens and in every ToE stage of the run.
 
-    The model is built by :func:`models.create_model` (ToE patched in exactly as for training) with dropout and
-    drop-path off (they change no count but make tracing random), in train mode so the operator is active.
+    The model is built by :func:`models.create_model` (ToE patched in exactly as for training). It is counted in
+    eval mode with the operator forced on (``sparse_eval``): the same layers and token counts as a training forward,
+    without its randomness (dropout, drop-path, LV-ViT's MixToken) or its tuple outputs (distilled DeiT, LV-ViT).
     """
     size = int(input_size or cfg.input_size)
-    model = create_model(cfg, num_classes, drop_rate=0.0, drop_path_rate=0.0, img_size=size)
-    model.train()
+    model = create_model(cfg, num_classes, img_size=size)
+    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(False)            # recomputation adds no forward FLOPs and does not trace
+    model.eval()
+    set_sparse_eval(model, True)
     params = sum(p.numel() for p in model.parameters())
     dims = vit_dims(model)
-    in_chans = dims.get("in_chans", 3)
+    in_chans = input_channels(model)
     toe = find_toe(model)
-    num_patches = (size // dims["patch_size"]) ** 2 if dims else getattr(model.patch_embed, "num_patches", 0)
+    num_patches = (size // dims["patch_size"]) ** 2 if dims else int(getattr(model.patch_embed, "num_patches", 0))
 
     def variant(name: str, stage: Optional[int], epochs: Optional[Tuple[int, int]]) -> StageFlops:
         set_stage(model, stage or 0)
@@ -281,54 +295,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _CpuPeak:
-    """Peak resident memory of this process during a step, on Linux: reset the high-water mark through
-    ``/proc/self/clear_refs`` (value 5), read ``VmHWM`` after. The delta against the RSS before the step
-    approximates the step's working memory; the allocator may keep freed pages, so it is a lower bound."""
-
-    def __init__(self):
-        self.ok = os.path.exists("/proc/self/clear_refs")
-        self.start = 0
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def reset(self) -> None:
-        if not self.ok:
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.start = self._status("VmRSS:")
-        except OSError:
-            self.ok = False
-
-    def peak_mb(self) -> Optional[float]:
-        return (self._status("VmHWM:") - self.start) / 2 ** 20 if self.ok else None
-
-
 class _MemMeter:
-    """Peak memory of a step: CUDA ``max_memory_allocated``, or the CPU RSS high-water delta (``None`` if neither)."""
+    """Peak memory of a step on CUDA (``max_memory_allocated``). On CPU there is no honest per-step figure: the
+    allocator keeps freed pages, so an RSS delta mostly measures what it happened to keep (``None`` = n/a there;
+    :func:`saved_activations_mb` is the comparable figure on every device)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.cpu = _CpuPeak() if device.type == "cpu" else None
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.cpu:
-            self.cpu.reset()
 
     def peak_mb(self) -> Optional[float]:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        return self.cpu.peak_mb() if self.cpu else None
+        return None
+
+
+def process_peak_rss_mb() -> Optional[float]:
+    """Peak resident memory of this whole process so far (Linux ``VmHWM``), or ``None``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -354,6 +348,7 @@ class Variant:
     stage: int
     patch_tokens: int
     forward_flops: float
+    activations_mb: Optional[float] = None
     step_s: List[float] = field(default_factory=list)
     peak_mb: List[float] = field(default_factory=list)
     toe_op_s: List[float] = field(default_factory=list)
@@ -370,6 +365,56 @@ def _load_average() -> Optional[List[float]]:
         return None
 
 
+def training_loss(out, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the class logits. Models with more training outputs (LV-ViT's dense aux logits, a distilled
+    DeiT's second head) get a cheap term on those too, so that their backward runs as in training."""
+    if isinstance(out, (tuple, list)):
+        extra = [o for o in out[1:] if torch.is_tensor(o) and o.is_floating_point()]
+        return F.cross_entropy(out[0], labels) + sum(o.float().mean() for o in extra)
+    return F.cross_entropy(out, labels)
+
+
+def saved_activations_mb(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, autocast) -> float:
+    """MB of tensors the forward pass saves for backward (parameters excluded, shared storages counted once).
+
+    Deterministic, and on every device: this is the activation memory that ToE shrinks and that dominates the
+    training peak at large batch, whereas a CPU process's peak RSS mostly reflects what the allocator kept.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):       # tensors without storage (e.g. some wrapper subclasses)
+            return t
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        loss = training_loss(model(images), labels)
+    del loss
+    return sum(storages.values()) / 2 ** 20
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS (``mallopt``; Linux CPU only).
+
+    By default glibc serves buffers above a dynamic threshold (at most 32 MB) with ``mmap`` and unmaps them on free,
+    so every step pays page faults for its largest activations again; DeiT-S at batch 32 with full tokens has 38 MB
+    MLP activations, its ToE stages do not. Raising the thresholds removes that cost from every variant.
+    Returns whether it took effect.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 class _OpTimer:
     """Times the ToE operator alone, forward and backward, on the real input it saw in this stage.
 
@@ -381,6 +426,7 @@ class _OpTimer:
     def __init__(self, model: nn.Module, images: torch.Tensor, autocast, device: torch.device):
         self.toe = find_toe(model)
         self.inputs: Dict[int, torch.Tensor] = {}
+        self.grads: Dict[int, torch.Tensor] = {}
         self.model, self.images, self.autocast, self.device = model, images, autocast, device
 
     def capture(self, stage: int) -> None:
@@ -394,23 +440,26 @@ class _OpTimer:
                 self.model(self.images)
         finally:
             handle.remove()
-        self.inputs[stage] = seen[0]
+        self.inputs[stage] = seen[0].requires_grad_(True)
+        with self.autocast():
+            out, _ = self.toe(self.inputs[stage])
+        self.grads[stage] = torch.ones_like(out)
 
     def time(self, stage: int) -> float:
-        x = self.inputs[stage].requires_grad_(True)
+        x = self.inputs[stage]
         set_stage(self.model, stage)
         _sync(self.device)
         start = time.perf_counter()
         with self.autocast():
             out, _ = self.toe(x)
-        torch.autograd.grad(out, x, torch.ones_like(out))
+        torch.autograd.grad(out, x, self.grads[stage])
         _sync(self.device)
         return time.perf_counter() - start
 
 
 def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int = 5, warmup: int = 2,
                        amp: str = "none", compile: bool = False, device: str = "auto", input_size: Optional[int] = None,
-                       flops: Optional[Dict[str, Any]] = None, inference: bool = True,
+                       flops: Optional[Dict[str, Any]] = None, inference: bool = True, keep_memory: bool = False,
                        log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Median training throughput with full tokens and in every reducing ToE stage, plus ideal and measured speed-up.
 
@@ -422,6 +471,8 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
     dev = resolve_device(device)
     size = int(input_size or cfg.input_size)
     torch.manual_seed(cfg.seed)
+    kept_memory = keep_freed_memory() if keep_memory and dev.type == "cpu" else False
+    autocast = autocast_for(dev, amp)                    # before the slow parts: a wrong --amp fails at once
     if flops is None:
         log("counting FLOPs (fvcore) ...")
         flops = model_flops(cfg, num_classes, size)
@@ -429,10 +480,9 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
     model.train()
     toe = find_toe(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    autocast = autocast_for(dev, amp)
     scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
     run = torch.compile(model, dynamic=False) if compile else model
-    in_chans = vit_dims(model).get("in_chans", 3)
+    in_chans = input_channels(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch_size, in_chans, size, size, generator=gen).to(dev)
     labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
@@ -446,7 +496,7 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
 
     def step() -> None:
         with autocast():
-            loss = F.cross_entropy(run(images), labels)
+            loss = training_loss(run(images), labels)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -474,6 +524,8 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
                 peak = mem.peak_mb()
                 if peak is not None:
                     v.peak_mb.append(peak)
+            if v.activations_mb is None:
+                v.activations_mb = saved_activations_mb(model, images, labels, autocast)
             if v.stage and toe is not None:
                 op_timer.capture(v.stage)
                 t = op_timer.time(v.stage)
@@ -493,7 +545,7 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
         rows.append({
             "name": v.name, "stage": v.stage, "patch_tokens": v.patch_tokens, "forward_gflops": v.forward_flops / 1e9,
             "step_s_median": step_s, "step_s": v.step_s, "images_per_s": batch_size / step_s,
-            "peak_mem_mb": max(v.peak_mb) if v.peak_mb else None,
+            "peak_mem_mb": max(v.peak_mb) if v.peak_mb else None, "activations_mb": v.activations_mb,
             "speedup": measured, "ideal_speedup": ideal, "efficiency": measured / ideal,
             "toe_op_ms": op * 1e3 if op is not None else None,
             "toe_op_share": op / step_s if op is not None else None,
@@ -502,9 +554,9 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
         "model": cfg.model, "input_size": size, "batch_size": batch_size, "num_classes": num_classes,
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(), "amp": amp, "compile": compile, "steps": steps, "warmup": warmup,
-        "torch": torch.__version__, "load_average_start": load_start, "load_average_end": _load_average(),
-        "peak_mem_kind": ("cuda max_memory_allocated" if dev.type == "cuda" else
-                          "cpu peak RSS delta (lower bound)" if mem.cpu and mem.cpu.ok else "n/a"),
+        "torch": torch.__version__, "keep_freed_memory": kept_memory, "load_average_start": load_start, "load_average_end": _load_average(),
+        "peak_mem_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "n/a on CPU",
+        "process_peak_rss_mb": process_peak_rss_mb(),
         "variants": rows,
     }
     if inference:
@@ -566,24 +618,25 @@ def format_flops_report(report: Dict[str, Any], images: int) -> str:
     g = 1e9
     lines = [f"{report['model']} at {report['input_size']} px, {report['num_classes']} classes: "
              f"{report['params'] / 1e6:.2f} M parameters, {report['num_patches']} patch tokens",
-             "forward GFLOPs per image (fvcore; 1 multiply-add = 1 FLOP); 'ToE op' = the operator's score matrix",
+             "forward GFLOPs per image (fvcore; 1 multiply-add = 1 FLOP); 'ToE op' = the operator's token scores",
              f"{'variant':<12} {'epochs':>9} {'patches':>7} {'fvcore':>9} {'of which':>9} {'analytic':>9} {'diff':>7}",
              f"{'':<12} {'':>9} {'':>7} {'total':>9} {'ToE op':>9} {'':>9} {'':>7}"]
     for v in [report["full"]] + list(report["stages"]):
         epochs = f"{v.epochs[0]}-{v.epochs[1] - 1}" if v.epochs else "-"
         ana = v.analytic.get("total")
         diff = f"{(v.fvcore.total / ana - 1) * 100:+.2f}%" if ana else "-"
+        ana_text = f"{ana / g:>9.3f}" if ana else f"{'-':>9}"
         tokens = f"{v.patch_tokens}" + ("" if v.reducing or v.stage is None else "*")
         lines.append(f"{v.name:<12} {epochs:>9} {tokens:>7} {v.fvcore.total / g:>9.3f} {v.fvcore.toe_op / g:>9.4f} "
-                     f"{(ana or 0) / g:>9.3f} {diff:>7}")
+                     f"{ana_text} {diff:>7}")
     if any(not v.reducing for v in report["stages"]):
         lines.append("* ToE inactive in this stage: the plain model runs")
     if report["stages"]:
         fv = schedule_training_flops(report, images, "total")
         an = schedule_training_flops(report, images, "analytic")
-        lines += ["",
-                  f"schedule average forward: fvcore {fv['average_forward'] / g:.3f} GFLOPs, analytic "
-                  f"{an['average_forward'] / g:.3f} ({(fv['average_forward'] / an['average_forward'] - 1) * 100:+.2f}%)"]
+        versus = (f", analytic {an['average_forward'] / g:.3f} "
+                  f"({(fv['average_forward'] / an['average_forward'] - 1) * 100:+.2f}%)") if an["total"] else ""
+        lines += ["", f"schedule average forward: fvcore {fv['average_forward'] / g:.3f} GFLOPs{versus}"]
     fv = schedule_training_flops(report, images, "total")
     lines += [f"training FLOPs = forward x {fv['factor']} (fwd+bwd) x {images:,} images x epochs, summed over stages:",
               f"  this run {si_flops(fv['total'])} over {fv['epochs']} epochs; full tokens {si_flops(fv['full_total'])}; "
@@ -619,20 +672,25 @@ def format_benchmark(result: Dict[str, Any]) -> str:
             f"({result['device_name']}, {result['threads']} threads), amp {result['amp']}, compile {result['compile']}; "
             f"median of {result['steps']} steps after {result['warmup']} warm-up, variants interleaved")
     lines = [head,
-             f"{'variant':<12} {'patches':>7} {'GFLOPs':>7} {'step s':>7} {'img/s':>7} {'peak MB':>8} {'speed-up':>8} "
-             f"{'ideal':>6} {'effic.':>6} {'ToE op ms':>9} {'ToE %':>6}"]
+             f"{'variant':<12} {'patches':>7} {'GFLOPs':>7} {'step s':>7} {'img/s':>7} {'peak MB':>8} {'act. MB':>8} "
+             f"{'speed-up':>8} {'ideal':>6} {'effic.':>6} {'ToE op ms':>9} {'ToE %':>6}"]
     for v in result["variants"]:
         lines.append(f"{v['name']:<12} {v['patch_tokens']:>7} {v['forward_gflops']:>7.3f} {v['step_s_median']:>7.3f} "
-                     f"{v['images_per_s']:>7.1f} {fmt(v['peak_mem_mb'], '8.0f'):>8} {v['speedup']:>7.3f}x "
+                     f"{v['images_per_s']:>7.1f} {fmt(v['peak_mem_mb'], '8.0f'):>8} {fmt(v['activations_mb'], '8.0f'):>8} "
+                     f"{v['speedup']:>7.3f}x "
                      f"{v['ideal_speedup']:>5.3f}x {v['efficiency'] * 100:>5.1f}% {fmt(v['toe_op_ms'], '9.1f', '-'):>9} "
                      f"{fmt(v['toe_op_share'] and v['toe_op_share'] * 100, '6.2f', '-'):>6}")
-    lines.append(f"peak memory: {result['peak_mem_kind']}; ideal = full-token FLOPs / stage FLOPs; "
-                 f"ToE op = operator forward+backward timed alone on that stage's real input")
+    lines.append(f"peak MB: {result['peak_mem_kind']}; act. MB: tensors saved for backward; "
+                 f"ideal = full-token FLOPs / stage FLOPs; efficiency = speed-up / ideal")
+    lines.append("ToE op = the operator's forward+backward timed alone on that stage's real input (eager), % of the step"
+                 + ("; glibc told to keep freed memory (--keep-freed-memory)" if result.get("keep_freed_memory") else ""))
     inf = result.get("inference")
     if inf:
         lines.append(f"inference (eval mode, ToE {'ACTIVE' if inf['toe_active'] else 'off'}: "
                      f"{'full tokens, the plain model' if inf['full_tokens'] else 'REDUCED tokens'}): "
-                     f"{inf['images_per_s']:.1f} img/s, {inf['step_s_median']:.3f} s/batch, "
-                     f"peak {fmt(inf['peak_mem_mb'], '.0f')} MB")
-    lines.append(f"load average (1/5/15 min) at start {result['load_average_start']}, at end {result['load_average_end']}")
+                     f"{inf['images_per_s']:.1f} img/s, {inf['step_s_median']:.3f} s/batch"
+                     + (f", peak {inf['peak_mem_mb']:.0f} MB" if inf["peak_mem_mb"] is not None else ""))
+    rss = result.get("process_peak_rss_mb")
+    lines.append(f"load average (1/5/15 min) at start {result['load_average_start']}, at end {result['load_average_end']}"
+                 + (f"; process peak RSS {rss:.0f} MB" if rss else ""))
     return "\n".join(lines)

@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     parser.add_argument("--num-classes", type=int, default=None, help="head size (default: nb_classes or the dataset's)")
     parser.add_argument("--no-inference", action="store_true", help="skip the eval-mode throughput")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU/glibc: keep freed buffers for reuse (mallopt) instead of paying page faults every step")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args, overrides = parser.parse_known_args(argv)
     try:
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
         result = benchmark_training(cfg, num_classes_of(cfg, args.num_classes), batch_size=args.batch,
                                     steps=args.steps, warmup=args.warmup, amp=args.amp, compile=args.compile,
                                     device=args.device, inference=not args.no_inference,
+                                    keep_memory=args.keep_freed_memory,
                                     log=lambda msg: print(msg, flush=True))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,14 +3,14 @@
 Equivalent to the authors' ``TokenSelect.token_select`` (same kept positions, same order, same merged values),
 but computed differently so that it is cheap and compile-friendly:
 
-* the pairwise score matrix of all patch tokens is computed once per call (``[B, N, N]``, a few per cent of one
-  transformer block) instead of once per sub-step on shrinking subsets;
-* "max score of each unselected token to the selected set" is kept as a running maximum, updated with the columns
-  of the tokens added by each sub-step, so a sub-step is a ``topk`` plus a ``gather``; selected tokens hold
-  ``+inf`` there, which both excludes them from the next ``topk`` and marks them as kept;
-* merging is ONE ``scatter_add`` of all input rows (prefix and kept tokens onto their own slot, every other token
+* "max score of each unselected token to the selected set" is kept as a running maximum, updated with the score
+  columns of the tokens added by each sub-step, so a sub-step is a ``topk`` plus one ``[B, N, added]`` product;
+  selected tokens hold ``+inf`` there, which excludes them from the next ``topk``. Only the ``N x M`` scores
+  against kept tokens are ever computed (never the ``N x N`` matrix), and merging reuses them;
+* merging is ONE ``index_add`` of all input rows (prefix and kept tokens onto their own slot, every other token
   onto its closest kept token) divided by the group size, so the only tensors of size ``[B, N, C]`` that are
-  differentiated are the input and the output (no slice/gather/cat copies to run forward and backward);
+  differentiated are the input and the output (no slice/gather/cat copies to run forward and backward), and its
+  backward is a row ``index_select`` rather than a ``gather`` with an index expanded over channels;
 * every size is a Python int derived from the schedule, and the constant index tensors (seeds, prefix slots) are
   cached per shape and device, so there is no host-device copy, no data-dependent shape and no graph break.
 
@@ -53,37 +53,47 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
     return _cached(("arange", n, str(device)), lambda: torch.arange(n, dtype=torch.long, device=device))
 
 
-def pairwise_scores(x: torch.Tensor, distance: str, nearest: bool) -> torch.Tensor:
-    """``[B, N, N]`` scores between L2-normalised tokens; larger means "closer" for expansion and merging.
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Tokens scaled to unit L2 norm, as the published code does before every score."""
+    return x / x.norm(dim=-1, keepdim=True)
 
-    With ``nearest=False`` (the published behaviour) the raw distance is used as the score for manhattan and
-    euclidean too, so "closest" is in fact the farthest token; ``nearest=True`` negates distances instead.
+
+def scores_to(xn: torch.Tensor, rows: torch.Tensor, distance: str, nearest: bool) -> torch.Tensor:
+    """``[B, m, N]`` scores of the tokens ``rows`` (``[m]`` shared, or ``[B, m]``) against every normalised token.
+
+    Laid out selected-token-major because a ``[m, C] x [C, N]`` product with small ``m`` runs faster than its
+    transpose. Larger means "closer" for expansion and merging. With ``nearest=False`` (the published behaviour)
+    the raw distance is used as the score for manhattan and euclidean too, so "closest" is in fact the farthest
+    token; ``nearest=True`` negates distances instead.
     """
-    xn = x / x.norm(dim=-1, keepdim=True)
+    if rows.dim() == 1:
+        sel = xn.index_select(1, rows)
+    else:      # whole rows by flat index: much cheaper than a gather with an index expanded over channels
+        batch, num_tokens, dim = xn.shape
+        flat = rows + (_arange(batch, xn.device) * num_tokens).unsqueeze(1)
+        sel = xn.reshape(batch * num_tokens, dim).index_select(0, flat.reshape(-1)).view(batch, -1, dim)
     if distance == "cosine":
-        return xn @ xn.transpose(-1, -2)
+        return sel @ xn.transpose(-1, -2)
     p = 1.0 if distance == "manhattan" else 2.0
-    dist = torch.cdist(xn, xn, p=p, compute_mode="donot_use_mm_for_euclid_dist")
+    dist = torch.cdist(sel, xn, p=p, compute_mode="donot_use_mm_for_euclid_dist")
     return -dist if nearest else dist
 
 
-def _columns_max(scores: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``[B, N]``: for every token, its best score over the columns ``cols`` (``[B, m]``, per sample)."""
-    batch, num_tokens, _ = scores.shape
-    return scores.gather(2, cols.unsqueeze(1).expand(batch, num_tokens, -1)).amax(-1)
+def select_tokens(xn: torch.Tensor, schedule: ToESchedule, stage: int, distance: str = "cosine",
+                  nearest: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Initialization and expansion on normalised patch tokens ``xn`` ``[B, N, C]``.
 
-
-def select_tokens(scores: torch.Tensor, schedule: ToESchedule, stage: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Initialization and expansion on a ``[B, N, N]`` score matrix.
-
-    Returns ``kept`` (``[B, M]`` patch positions in the reference order) and ``assign`` (``[B, N]``: the slot in
-    ``kept`` that every patch token ends up in: its own slot if kept, else its closest kept token's slot).
+    Only the scores against selected tokens are ever needed, so they are computed block by block as tokens are
+    selected (``M x N`` instead of ``N x N`` products). Returns ``kept`` (``[B, M]`` patch positions in the reference
+    order) and ``assign`` (``[B, N]``: the slot in ``kept`` that every patch token ends up in: its own slot if kept,
+    else its closest kept token's slot).
     """
-    batch, num_tokens, _ = scores.shape
+    batch, num_tokens, _ = xn.shape
     inf = float("inf")
-    seeds = seed_positions(num_tokens, schedule.init_keep_rate, scores.device)
+    seeds = seed_positions(num_tokens, schedule.init_keep_rate, xn.device)
+    blocks = [scores_to(xn, seeds, distance, nearest)]                                # [B, m, N] per block
     # best[b, j]: score of token j to its closest selected token; +inf once j itself is selected
-    best = scores.index_select(2, seeds).amax(-1).index_fill_(1, seeds, inf)
+    best = blocks[0].amax(1).index_fill_(1, seeds, inf)
     parts: List[torch.Tensor] = [seeds.expand(batch, -1)]
     for size in schedule.chunk_sizes(num_tokens, stage):
         if size == 0:
@@ -91,13 +101,13 @@ def select_tokens(scores: torch.Tensor, schedule: ToESchedule, stage: int) -> Tu
         # the unselected tokens least similar to the selected set are the most novel: add them
         added = best.topk(size, dim=1, largest=False, sorted=True).indices
         parts.append(added)
-        best = torch.maximum(best, _columns_max(scores, added)).scatter_(1, added, inf)
+        blocks.append(scores_to(xn, added, distance, nearest))
+        best = torch.maximum(best, blocks[-1].amax(1)).scatter_(1, added, inf)
     kept = torch.cat(parts, dim=1)                                                       # [B, M]
-    num_kept = kept.shape[1]
     # merging: every unselected token goes to its closest kept token (first one on ties, as torch.max) ...
-    assign = scores.gather(2, kept.unsqueeze(1).expand(batch, num_tokens, -1)).argmax(-1)   # [B, N]
+    assign = torch.cat(blocks, dim=1).argmax(1)                                          # [B, N]
     # ... and every kept token stays in its own slot
-    assign.scatter_(1, kept, _arange(num_kept, scores.device).expand(batch, -1))
+    assign.scatter_(1, kept, _arange(kept.shape[1], xn.device).expand(batch, -1))
     return kept, assign
 
 
@@ -120,15 +130,15 @@ def token_expansion(
     num_prefix = num_prefix_tokens
 
     with torch.no_grad():
-        scores = pairwise_scores(x[:, num_prefix:], schedule.distance, nearest)          # [B, N, N]
-        kept, assign = select_tokens(scores, schedule, stage)
+        kept, assign = select_tokens(normalize(x[:, num_prefix:]), schedule, stage, schedule.distance, nearest)
         prefix_slots = _arange(num_prefix, x.device).expand(batch, -1)
-        # output slot of every input row: prefix tokens first, then the groups of the kept tokens
-        slot = torch.cat([prefix_slots, assign + num_prefix], dim=1)                     # [B, P + N]
         index = torch.cat([prefix_slots, kept + num_prefix], dim=1)                      # [B, P + M]
         out_len = index.shape[1]
-        counts = torch.zeros(batch, out_len, dtype=x.dtype, device=x.device).scatter_add_(
-            1, slot, torch.ones_like(slot, dtype=x.dtype))
+        # output row of every input row: prefix tokens first, then the groups of the kept tokens; flattened over
+        # the batch so that merging moves whole rows (index_add / its backward index_select)
+        slot = torch.cat([prefix_slots, assign + num_prefix], dim=1)                     # [B, P + N]
+        flat = (slot + (_arange(batch, x.device) * out_len).unsqueeze(1)).reshape(-1)
+        counts = x.new_zeros(batch * out_len).index_add_(0, flat, x.new_ones(batch * length))
 
-    sums = x.new_zeros(batch, out_len, dim).scatter_add(1, slot.unsqueeze(-1).expand(-1, -1, dim), x)
-    return sums / counts.unsqueeze(-1), index
+    sums = x.new_zeros(batch * out_len, dim).index_add(0, flat, x.reshape(batch * length, dim))
+    return (sums / counts.unsqueeze(1)).view(batch, out_len, dim), index
