@@ -230,3 +230,13 @@ def test_lvvit_with_token_labels_and_toe_end_to_end(digits, tmp_path, capsys):
                        "--token_label.data", labels, "--num_workers", "0",
                        "--model_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_chans: 8}"])
     assert code == 1 and "token_label.size: 14 does not match" in capsys.readouterr().err
+
+
+def test_finetune_through_main_at_another_resolution(digits, tmp_path, capsys):
+    assert run(digits, tmp_path / "pre", "--epochs", "1", "--toe.expansion_steps", "[0]", "--toe.keep_rates", "[0.5]") == 0
+    code = run(digits, tmp_path / "ft", "--finetune", str(tmp_path / "pre" / "checkpoint.pth"), "--input_size", "24",
+               "--epochs", "1", "--toe", "none")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning from" in out and "pos_embed (1, 17, 32) -> (1, 37, 32)" in out
+    assert read_log(tmp_path / "ft")[0]["val_count"] == val_size(digits)
