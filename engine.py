@@ -96,7 +96,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             with autocast(device, amp_dtype):
                 outputs = model(images)
                 loss = criterion(images, outputs, targets)
-            loss_value = loss.item()
+            loss_value = loss.item()      # a host sync per step, as in DeiT: it is what catches a NaN at once
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} iteration {it}: stopping; the last "
                                          f"checkpoint was written before this epoch and is intact")
@@ -119,8 +119,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:
                 model_ema.update(model)
-        if device.type == "cuda" and (it % print_freq == 0 or it + 1 == num_iters):
-            torch.cuda.synchronize(device)
         loss_meter.update(loss_value, images.shape[0])
         meter.step(images.shape[0] * world_size)
         lr = optimizer.param_groups[0]["lr"]
