@@ -14,6 +14,9 @@ from distributed import all_reduce_sum
 from logger import Meter, RunLogger, Throughput, format_seconds
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 

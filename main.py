@@ -22,14 +22,11 @@ import checkpoint as ckpt_io
 from config import Config, ConfigError, load_config, save_config
 from datasets import DatasetError, build_loaders, check_num_classes
 from distributed import DistInfo, barrier, cleanup, init_distributed, seed_all
-from engine import DistillationLoss, NonFiniteLossError, evaluate, train_one_epoch
+from engine import AMP_DTYPES, DistillationLoss, NonFiniteLossError, evaluate, train_one_epoch
 from logger import RunLogger, format_seconds
 from models import create_model, num_patches
 from toe import find_toe, set_epoch
 from token_labels import TokenLabelError
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def parse_args(argv: List[str]) -> Config:
     if any(a in ("-h", "--help") for a in argv):
@@ -143,8 +140,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     if cfg.opt_betas is not None:
         opt_kwargs["betas"] = tuple(cfg.opt_betas)
     optimizer = create_optimizer_v2(model_without_ddp, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched if cfg.sched != "constant" else "step",
-                                       num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs if cfg.sched != "constant" else 10 ** 9,
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
                                        decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
                                        warmup_epochs=cfg.warmup_epochs, cooldown_epochs=0)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -186,6 +182,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
              f"amp {amp_dtype or 'off'} | ToE {'kept patch tokens per stage ' + str(tokens) if tokens else 'off'}")
     scheduler.step(start_epoch)
     n_tokens = num_patches(model_without_ddp)
+    toe = find_toe(model_without_ddp)
     wall_start = time.perf_counter()
     train_seconds, images_seen, history = 0.0, 0, []
     for epoch in range(start_epoch, cfg.epochs):
@@ -195,7 +192,6 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         stage = set_epoch(model_without_ddp, epoch)
         if model_ema is not None:
             set_epoch(model_ema.module, epoch)
-        toe = find_toe(model_without_ddp)
         kept = toe.schedule.kept_tokens(n_tokens, stage) if toe is not None and n_tokens else n_tokens
         train_stats = train_one_epoch(
             train_model, criterion, train_loader, optimizer, device, epoch, cfg.epochs, log,

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import AMP_DTYPES
+from engine import autocast as engine_autocast
 from models import create_model
 from toe import find_toe, iter_toe, set_sparse_eval
 
@@ -333,12 +335,10 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_for(device: torch.device, amp: str):
     """``--amp bf16|fp16`` as an autocast context (fp16 needs a GPU); ``none`` is a no-op."""
-    if amp in ("none", "", None):
-        return contextlib.nullcontext
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    dtype = None if amp in ("none", "", None) else AMP_DTYPES[amp]
     if dtype is torch.float16 and device.type != "cuda":
         raise ValueError("--amp fp16 needs a GPU (use bf16 on CPU, or none)")
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return lambda: engine_autocast(device, dtype)
 
 
 @dataclass

@@ -348,10 +348,6 @@ def token_label_targets(label: Dict[str, torch.Tensor], num_classes: int, size: 
     return TokenTargets(smooth(cls, smoothing), smooth(dense, smoothing))
 
 
-def labels_to(label: Dict[str, torch.Tensor], device: torch.device, non_blocking: bool = True) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in label.items()}
-
-
 # ============================================================================================ dataset
 def build_image_transform(input_size: int, color_jitter: Optional[float] = 0.4, aa: Optional[str] = None,
                           interpolation: str = "bicubic", reprob: float = 0.0, remode: str = "pixel",

@@ -70,7 +70,7 @@ def flops_of(cfg) -> Dict[str, Any]:
 
 def compare(toe_run: Dict[str, Any], full_run: Dict[str, Any], flops: bool = True) -> Dict[str, Any]:
     a, b = run_metrics(toe_run), run_metrics(full_run)
-    out = {"toe": {k: v for k, v in a.items()}, "full": {k: v for k, v in b.items()},
+    out = {"toe": a, "full": b,
            "toe_dir": toe_run["dir"], "full_dir": full_run["dir"],
            "speedup_train": b["train_seconds"] / a["train_seconds"],
            "speedup_wall": b["wall_seconds"] / a["wall_seconds"],

@@ -32,6 +32,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import token_labels as tl  # noqa: E402
+from logger import format_seconds  # noqa: E402
 
 
 class Progress:
@@ -49,7 +50,7 @@ class Progress:
         self.last = now
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        eta_s = "--" if eta == float("inf") else time.strftime("%H:%M:%S", time.gmtime(eta))
+        eta_s = "--" if eta == float("inf") else format_seconds(eta)
         pct = 100.0 * done / max(self.total, 1)
         line = f"token labels: {done}/{self.total} images ({pct:.1f}%) {rate:.1f} img/s eta {eta_s}"
         if self.live:

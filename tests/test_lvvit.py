@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 import timm  # noqa: E402
 
 import token_labels as tl  # noqa: E402
+from engine import to_device  # noqa: E402
 from models import lvvit  # noqa: E402  (registers lvvit_*)
 from models.lvvit import MixBox, sample_mix_box, swap_box  # noqa: E402
 from toe import ToESchedule, apply_toe, set_epoch  # noqa: E402
@@ -523,7 +524,7 @@ def test_one_training_step_with_token_labels_and_toe(tmp_path):
     before = copy.deepcopy(model.state_dict())
     images, classes, label = next(iter(loader))
     assert images.shape == (6, 3, 64, 64) and label["box"].shape == (6, 4) and label["indices"].shape == (6, 2, 4, 4)
-    label = tl.labels_to(label, torch.device("cpu"))
+    label = to_device(label, torch.device("cpu"))
     outputs = model(images)
     loss = criterion(images, outputs, (classes, label))
     targets = tl.token_label_targets(label, 3, 4, smoothing=0.1)
