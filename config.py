@@ -1,12 +1,14 @@
 """Run configuration: a typed schema, YAML files that may inherit, command-line overrides, and validation.
 
 Keys are DeiT's argparse names (``lr``, ``drop_path``, ``model_ema_decay`` ...) with DeiT's defaults, so a DeiT user
-reads a config without a dictionary. Method-specific settings live in their own section (``toe:``).
+reads a config without a dictionary. Each training-acceleration method owns a section named after it (``toe:``,
+``pss:`` ...): its schema and checks live in the method's package and are found through :mod:`methods`; the
+top-level ``methods`` key says which sections are active (default: every section present).
 
     cfg = load_config("configs/deit_s_toe.yaml", ["--lr", "1e-3", "--toe.keep_rates", "[0.4,0.7,1.0]"])
 
 Every mistake stops with one :class:`ConfigError` line that names the key and the fix: unknown keys (with the
-closest valid name), wrong types, impossible values and impossible ToE schedules.
+closest valid name), wrong types, impossible values and impossible method settings.
 """
 from __future__ import annotations
 
@@ -19,32 +21,11 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from toe import DISTANCES, ScheduleError, ToESchedule
-from toe.patch import DISTANCE_MODES
+from methods import MethodError, method_class, registry
 
 
 class ConfigError(ValueError):
     """A configuration mistake; ``str(err)`` is the one line shown to the user."""
-
-
-@dataclass
-class ToEConfig:
-    """Token Expansion. Stage s runs from ``expansion_steps[s-1]`` and keeps ``keep_rates[s-1]`` of the patch tokens."""
-    expansion_steps: List[int] = field(default_factory=lambda: [0, 100, 200])
-    keep_rates: List[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
-    init_keep_rate: float = 0.25
-    repeat_k: int = 2
-    distance: str = "cosine"
-    # published: the authors' max-score rule for every distance; nearest: min distance for manhattan/euclidean
-    distance_mode: str = "published"
-    # ToE runs on the input of this block, i.e. after block insert_block - 1 (1 = after the first block)
-    insert_block: int = 1
-    # also reduce tokens in evaluation (the paper evaluates on all tokens)
-    sparse_eval: bool = False
-
-    def schedule(self) -> ToESchedule:
-        return ToESchedule(tuple(self.expansion_steps), tuple(self.keep_rates), self.init_keep_rate,
-                           self.repeat_k, self.distance)
 
 
 @dataclass
@@ -134,15 +115,35 @@ class Config:
     teacher_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
     distillation_alpha: float = 0.5
     distillation_tau: float = 1.0
-    # --- methods ---------------------------------------------------------------------------------------------
-    toe: Optional[ToEConfig] = None
+    # --- LV-ViT token labeling ------------------------------------------------------------------------------
     token_label: Optional[TokenLabelConfig] = None
+    # --- methods ---------------------------------------------------------------------------------------------
+    methods: Optional[List[str]] = None        # active method sections, in order; null: every section present
+    # the method sections by name (`toe:` ...), each the dataclass its method declares; written as top-level keys
+    sections: Dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        """``cfg.toe`` reads the method section ``toe`` (``None`` when absent) for every registered method."""
+        if name.startswith("__") or name == "sections":
+            raise AttributeError(name)
+        if name in registry():
+            return self.sections.get(name)
+        raise AttributeError(f"Config has no key '{name}'")
+
+    def active_methods(self) -> List[str]:
+        """The sections this run applies, in order."""
+        return list(self.sections) if self.methods is None else list(self.methods)
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        sections = data.pop("sections")
+        methods = data.pop("methods")
+        data.update(sections)
+        data["methods"] = methods
+        return data
 
 
-SECTIONS = {"toe": ToEConfig, "token_label": TokenLabelConfig}
+SECTIONS = {"token_label": TokenLabelConfig}     # sections that are not methods
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "data_set": ("imagenet", "cifar10", "cifar100", "folder", "digits"),
@@ -153,8 +154,6 @@ CHOICES = {
     "mixup_mode": ("batch", "pair", "elem"),
     "remode": ("pixel", "rand", "const"),
     "distillation_type": ("none", "soft", "hard"),
-    "toe.distance": DISTANCES,
-    "toe.distance_mode": DISTANCE_MODES,
     "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
 }
 NON_NEGATIVE = ("seed", "num_workers", "drop", "drop_path", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
@@ -224,16 +223,46 @@ def _coerce(value: Any, tp, key: str) -> Any:
 
 
 def _build(cls, data: Dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``: unknown keys, wrong types and values outside a field's
+    ``metadata["choices"]`` stop with one line naming the key."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
     kwargs = {}
     for key, value in data.items():
-        if key not in hints:
-            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else "; valid keys are listed in README.md"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
+        choices = fields[key].metadata.get("choices")
+        if choices is not None and kwargs[key] is not None and kwargs[key] not in choices:
+            raise ConfigError(f"{prefix}{key}: '{kwargs[key]}' is not one of {', '.join(map(str, choices))}")
     return cls(**kwargs)
+
+
+def _build_config(data: Dict[str, Any]) -> Config:
+    """The top level: Config's own keys, plus one section per registered method (``toe:`` ...)."""
+    methods = registry()
+    own, sections = {}, {}
+    for key, value in data.items():
+        if key in methods:
+            if value is not None:
+                sections[key] = _coerce(value, methods[key].Config, key)
+        elif key == "sections":
+            raise ConfigError("unknown config key 'sections'; write each method section at the top level (e.g. toe:)")
+        else:
+            own[key] = value
+    try:
+        cfg = _build(Config, own)
+    except ConfigError as e:
+        if str(e).startswith("unknown config key") and "did you mean" not in str(e):
+            key = str(e).split("'")[1]
+            close = difflib.get_close_matches(key, list(methods), n=1, cutoff=0.5)
+            if close:
+                raise ConfigError(f"unknown config key '{key}'; did you mean the method section '{close[0]}'?") from None
+        raise
+    cfg.sections = sections
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -301,20 +330,24 @@ def parse_overrides(argv: List[str]) -> Dict[str, Any]:
 
 def _apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     data = dict(data)
+    sections = set(SECTIONS) | set(registry())
     for key, value in overrides.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in sections and isinstance(value, dict):
             current = data.get(key)
             data[key] = deep_merge(current if isinstance(current, dict) else {}, value)
-        elif key in SECTIONS and isinstance(value, str) and value.lower() in ("none", "off", "false"):
+        elif key in sections and (value is None or value is False
+                                  or (isinstance(value, str) and value.lower() in ("none", "off", "false"))):
             data[key] = None       # --toe none: the same recipe without the method
+            if key in registry() and isinstance(data.get("methods"), list) and key in data["methods"]:
+                data["methods"] = [m for m in data["methods"] if m != key]
         else:
             data[key] = value
     return data
 
 
 def validate(cfg: Config) -> Config:
-    """Checks that need more than a type: choices, ranges and the ToE schedule."""
-    flat = dict(cfg.to_dict())
+    """Checks that need more than a type: choices, ranges, and each method section through its method."""
+    flat = {k: v for k, v in cfg.to_dict().items() if k not in cfg.sections}
     for section in SECTIONS:
         sub = flat.pop(section)
         for k, v in (sub or {}).items():
@@ -348,22 +381,26 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data_set: token_label needs an ImageFolder dataset (imagenet, folder), not {cfg.data_set}")
         if cfg.token_label.size <= 0:
             raise ConfigError(f"token_label.size: {cfg.token_label.size} must be > 0")
-    if cfg.toe is not None:
-        try:
-            cfg.toe.schedule()
-        except ScheduleError as e:
-            raise ConfigError(str(e)) from None
-        last = cfg.toe.expansion_steps[-1]
-        if last >= cfg.epochs:
-            raise ConfigError(f"toe.expansion_steps: stage {len(cfg.toe.expansion_steps)} starts at epoch {last} but "
-                              f"epochs is {cfg.epochs}: scale the steps to the run length")
-        if cfg.toe.insert_block < 0:
-            raise ConfigError(f"toe.insert_block: {cfg.toe.insert_block} must be >= 0")
+    for name in cfg.methods or []:
+        if name not in registry():
+            raise ConfigError(f"methods: unknown method '{name}' (known: {', '.join(sorted(registry()))})")
+        if name not in cfg.sections:
+            raise ConfigError(f"methods: '{name}' is listed but the config has no {name}: section; add one "
+                              f"(e.g. --{name} '{{}}' for its defaults) or drop it from methods")
+    if cfg.methods is not None and len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"methods: {cfg.methods} names a method twice")
+    try:
+        for name, section in cfg.sections.items():
+            method_class(name).validate(section, cfg)
+        from methods import MethodSet
+        MethodSet.from_config(cfg)           # combinations (e.g. two token reducers at conflicting places)
+    except MethodError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 
 def build_config(data: Dict[str, Any]) -> Config:
-    return validate(_build(Config, data))
+    return validate(_build_config(data))
 
 
 def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> Config:
@@ -377,8 +414,3 @@ def save_config(cfg: Config, path: str) -> None:
     with open(tmp, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=None)
     os.replace(tmp, path)
-
-
-def config_from_dict(data: Dict[str, Any]) -> Config:
-    """Rebuild a config stored as plain data (e.g. inside a checkpoint)."""
-    return build_config(data)

@@ -228,7 +228,40 @@ def _with_token_labels(cfg, images: datasets.ImageFolder) -> Dataset:
 
 
 # ------------------------------------------------------------------------------------------------ samplers
-class RASampler(Sampler[int]):
+class WithIndex(Dataset):
+    """A training set whose samples end with their dataset index, so methods that select examples can key their
+    per-example statistics through augmentation, mixup and repeated augmentation."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[i]
+        return (*sample, i) if isinstance(sample, tuple) else (sample, i)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class _SubsetMixin:
+    """Sampling from a subset of the dataset's indices (``set_indices``), chosen per epoch by a method."""
+
+    subset: Optional[list] = None
+
+    def set_indices(self, indices: Optional[list]) -> None:
+        self.subset = None if indices is None else list(indices)
+        self._resize(len(self.dataset) if self.subset is None else len(self.subset))
+
+    def _map(self, positions: Iterator[int]) -> Iterator[int]:
+        return iter(positions) if self.subset is None else (self.subset[i] for i in positions)
+
+
+class RASampler(_SubsetMixin, Sampler[int]):
     """Repeated augmentation (Hoffer et al.; DeiT): each sample is drawn ``repeats`` times per epoch, and the copies
     go to consecutive ranks so each process augments its own view.
 
@@ -243,13 +276,16 @@ class RASampler(Sampler[int]):
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.dataset, self.num_replicas, self.rank = dataset, num_replicas, rank
         self.shuffle, self.repeats, self.seed, self.epoch = shuffle, repeats, seed, 0
-        n = len(dataset)
-        self.num_samples = math.ceil(n * repeats / num_replicas)       # per rank before the cut
-        self.total_size = self.num_samples * num_replicas
-        self.num_selected = (n // 256 * 256) // num_replicas or math.ceil(n / num_replicas)
+        self._resize(len(dataset))
+
+    def _resize(self, n: int) -> None:
+        self.n = n
+        self.num_samples = math.ceil(n * self.repeats / self.num_replicas)       # per rank before the cut
+        self.total_size = self.num_samples * self.num_replicas
+        self.num_selected = (n // 256 * 256) // self.num_replicas or math.ceil(n / self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
-        n = len(self.dataset)
+        n = self.n
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(n, generator=g).tolist()
@@ -257,13 +293,33 @@ class RASampler(Sampler[int]):
             order = list(range(n))
         stream = [i for i in order for _ in range(self.repeats)]
         stream += stream[:self.total_size - len(stream)]               # pad so every rank gets as many
-        return iter(stream[self.rank:self.total_size:self.num_replicas][:self.num_selected])
+        return self._map(stream[self.rank:self.total_size:self.num_replicas][:self.num_selected])
 
     def __len__(self) -> int:
         return self.num_selected
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+
+class ShuffleSampler(_SubsetMixin, DistributedSampler):
+    """torch's DistributedSampler (shuffled, padded to equal shards), over a subset when a method sets one."""
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.full_dataset = dataset
+
+    def _resize(self, n: int) -> None:
+        self.dataset = range(n)            # DistributedSampler only reads len(self.dataset)
+        self.num_samples = math.ceil(n / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def set_indices(self, indices: Optional[list]) -> None:
+        self.subset = None if indices is None else list(indices)
+        self._resize(len(self.full_dataset) if self.subset is None else len(self.subset))
+
+    def __iter__(self) -> Iterator[int]:
+        return self._map(super().__iter__())
 
 
 class ShardSampler(Sampler[int]):
@@ -287,16 +343,18 @@ class ShardSampler(Sampler[int]):
 def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoader, DataLoader, int]:
     """Train and val loaders for one process, and the class count.
 
-    ``seed`` must be the same on every rank: it orders the shared shuffle. Training workers are started afresh each
+    ``seed`` must be the same on every rank: it orders the shared shuffle. Training samples end with their dataset
+    index (:class:`WithIndex`), and the train sampler can be narrowed to a subset per epoch (``set_indices``). Training workers are started afresh each
     epoch and take their seeds from torch's global generator, which ``main.py`` reseeds per epoch and per rank: so
     ranks do not augment in lockstep, and a resumed run draws the same augmentations as an uninterrupted one.
     """
     train_set, nb_classes = build_dataset(cfg, is_train=True)
+    train_set = WithIndex(train_set)
     val_set, _ = build_dataset(cfg, is_train=False)
     if cfg.repeated_aug:
         train_sampler = RASampler(train_set, world_size, rank, shuffle=True, repeats=cfg.ra_repeats, seed=seed)
     else:
-        train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        train_sampler = ShuffleSampler(train_set, world_size, rank, seed=seed)
     if len(train_sampler) < cfg.batch_size:
         raise DatasetError(f"batch_size: {cfg.batch_size} is more than the {len(train_sampler)} training samples each "
                            f"of {world_size} process(es) gets per epoch from {cfg.data_path}; lower batch_size")
@@ -308,4 +366,4 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoade
 
 
 __all__ = ["DatasetError", "build_dataset", "build_transform", "build_loaders", "check_num_classes",
-           "prepare_digits", "load_rgb", "RASampler", "ShardSampler", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "prepare_digits", "load_rgb", "RASampler", "ShuffleSampler", "ShardSampler", "WithIndex", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -12,6 +12,7 @@ from torch import nn
 
 from distributed import all_reduce_sum
 from logger import Meter, RunLogger, Throughput, format_seconds
+from methods import Clock, ExampleBatch, MethodSet
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,16 +71,27 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def _class_logits(outputs) -> torch.Tensor:
+    """The class logits among a model's training outputs (distilled DeiT and LV-ViT return tuples, class first)."""
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, num_epochs: int, log: RunLogger, *,
                     amp_dtype: Optional[torch.dtype] = None, scaler: Optional[torch.amp.GradScaler] = None,
                     model_ema=None, mixup_fn=None, clip_grad: Optional[float] = None, accum_steps: int = 1,
-                    print_freq: int = 20, world_size: int = 1, kept_tokens: Optional[int] = None,
-                    global_step: int = 0) -> Dict[str, Any]:
-    """Train for one epoch; returns averaged metrics. Stops with :class:`NonFiniteLossError` on a NaN/inf loss."""
+                    print_freq: int = 20, world_size: int = 1, methods: Optional[MethodSet] = None,
+                    global_step: int = 0, iters_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+    """Train for one epoch; returns averaged metrics. Stops with :class:`NonFiniteLossError` on a NaN/inf loss.
+
+    Batches are ``(images, *targets, dataset indices)``. ``global_step`` is the iteration counter at the start of
+    the epoch; the methods see the clock before every iteration (``per_step`` ones) and the per-example outputs
+    after it (those that observe examples).
+    """
     model.train()
     if criterion is not None:
         criterion.train()
+    methods = methods if methods is not None else MethodSet([])
     loss_meter = Meter()
     num_iters = len(loader)
     meter = Throughput(num_iters)
@@ -88,9 +100,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     t_data = time.perf_counter()
     for it, batch in enumerate(loader):
         data_time += time.perf_counter() - t_data
-        images = batch[0].to(device, non_blocking=True)
+        if methods.per_step:
+            methods.on_step(Clock(epoch, it, global_step + it, iters_per_epoch or num_iters, num_epochs))
+        *data, indices = batch
+        images = data[0].to(device, non_blocking=True)
         # (images, class) or, with token labels, (images, class, label map): the criterion gets the rest as targets
-        targets = to_device(batch[1] if len(batch) == 2 else tuple(batch[1:]), device)
+        targets = to_device(data[1] if len(data) == 2 else tuple(data[1:]), device)
+        labels = targets if torch.is_tensor(targets) else targets[0]
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         update = (it + 1) % accum_steps == 0 or it + 1 == num_iters
@@ -108,6 +124,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                 scaler.scale(scaled).backward()
             else:
                 scaled.backward()
+        if methods.observers:
+            methods.observe(ExampleBatch(indices, _class_logits(outputs).detach().float(), labels, targets))
         if update:
             if scaler is not None:
                 if clip_grad is not None:
@@ -126,10 +144,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
         meter.step(images.shape[0] * world_size)
         lr = optimizer.param_groups[0]["lr"]
         if it % print_freq == 0 or it + 1 == num_iters or log.live:
-            tokens = f" tokens {kept_tokens}" if kept_tokens is not None else ""
+            state = methods.progress()
             log.progress(f"Epoch [{epoch + 1}/{num_epochs}] [{it + 1}/{num_iters}] eta {format_seconds(meter.eta(it + 1))} "
-                         f"loss {loss_value:.4f} ({loss_meter.avg:.4f}) lr {lr:.3e} {meter.rate():.1f} img/s{tokens}",
-                         final=it + 1 == num_iters)
+                         f"loss {loss_value:.4f} ({loss_meter.avg:.4f}) lr {lr:.3e} {meter.rate():.1f} img/s"
+                         + (f" {state}" if state else ""), final=it + 1 == num_iters)
         if it % print_freq == 0:
             log.scalar("iter/loss", loss_value, global_step + it)
             log.scalar("iter/lr", lr, global_step + it)

@@ -1,10 +1,11 @@
-"""Train or evaluate a timm ViT with the DeiT recipe, optionally with Token Expansion.
+"""Train or evaluate a timm ViT with the DeiT recipe, optionally with training-acceleration methods (plug-ins).
 
     python main.py --config configs/demo.yaml
     torchrun --nproc_per_node=8 main.py --config configs/deit_s_toe.yaml --data_path /data/imagenet
     python main.py --config configs/deit_s.yaml --eval true --resume runs/deit_s/best.pth
 
-Every ``--key value`` after the config overrides that key (``--toe.keep_rates [0.4,0.7,1.0]``, ``--toe none``).
+Every ``--key value`` after the config overrides that key (``--toe.keep_rates [0.4,0.7,1.0]``, ``--toe none``,
+``--methods [pss]``).
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from datasets import DatasetError, build_loaders, check_num_classes
 from distributed import DistInfo, barrier, cleanup, init_distributed, seed_all
 from engine import AMP_DTYPES, DistillationLoss, NonFiniteLossError, evaluate, train_one_epoch
 from logger import RunLogger, format_seconds
-from models import create_model, num_patches
-from toe import find_toe, set_epoch
+from methods import Clock, MethodError, MethodSet
+from models import create_model
 from token_labels import TokenLabelError
 
 def parse_args(argv: List[str]) -> Config:
@@ -91,14 +92,6 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
     return DistillationLoss(base, teacher, cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau), mixup_fn
 
 
-def toe_summary(model: nn.Module, cfg: Config) -> Optional[dict]:
-    """Patch tokens kept in each stage that this run reaches, e.g. ``{1: 98, 2: 147, 3: 196}``."""
-    toe, n = find_toe(model), num_patches(model)
-    if toe is None or n is None:
-        return None
-    return {stage: toe.schedule.kept_tokens(n, stage) for stage, _, _ in toe.schedule.stage_epochs(cfg.epochs)}
-
-
 def run(cfg: Config, dist: DistInfo) -> dict:
     device = dist.device
     amp_dtype = resolve_amp(cfg, device)
@@ -110,7 +103,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
 
     train_loader, val_loader, nb_classes = build_loaders(cfg, dist.rank, dist.world_size, cfg.seed)
     check_num_classes(cfg.nb_classes, nb_classes)
-    model = create_model(cfg, nb_classes)
+    methods = MethodSet.from_config(cfg)
+    model = create_model(cfg, nb_classes, methods)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if cfg.token_label is not None and grid is not None and tuple(grid) != (cfg.token_label.size,) * 2:
         raise ConfigError(f"token_label.size: {cfg.token_label.size} does not match the model's {tuple(grid)} token grid "
@@ -130,6 +124,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
         model_ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+    methods.attach([model, model_ema.module if model_ema is not None else None])
     model_without_ddp = model
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -146,7 +141,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     criterion, mixup_fn = build_criterion(cfg, nb_classes, device)
 
-    start_epoch, best = 0, {"acc1": -1.0, "epoch": -1, "on": cfg.best_on}
+    start_epoch, best, global_step = 0, {"acc1": -1.0, "epoch": -1, "on": cfg.best_on}, 0
     resume, ema_loaded = ckpt_io.resume_path(cfg.resume, out), False
     if resume:
         state = ckpt_io.load_checkpoint(resume)
@@ -161,6 +156,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
                 scaler.load_state_dict(state["scaler"])
             start_epoch = int(state["epoch"]) + 1
             best = state.get("best", best)
+            global_step = int(state.get("global_step", start_epoch * len(train_loader)))
+            methods.load_state_dict(state.get("methods") or {})
         log.info(f"resumed from {resume} (epoch {state.get('epoch')})")
 
     if dist.distributed:
@@ -176,54 +173,61 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         log.close()
         return stats
 
-    tokens = toe_summary(model_without_ddp, cfg)
     log.info(f"model {cfg.model}: {n_params / 1e6:.2f}M params, {nb_classes} classes, input {cfg.input_size}px | "
              f"world {dist.world_size} x batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | lr {lr:.3e} | "
-             f"amp {amp_dtype or 'off'} | ToE {'kept patch tokens per stage ' + str(tokens) if tokens else 'off'}")
+             f"amp {amp_dtype or 'off'} | methods: {methods.describe()}")
     scheduler.step(start_epoch)
-    n_tokens = num_patches(model_without_ddp)
-    toe = find_toe(model_without_ddp)
+    iters_per_epoch = len(train_loader)            # fixed at start: the period of per-iteration schedules
+    eval_variants = methods.eval_variants()
     wall_start = time.perf_counter()
     train_seconds, images_seen, history = 0.0, 0, []
     for epoch in range(start_epoch, cfg.epochs):
         # reseed per epoch so a resumed run draws the same augmentations as an uninterrupted one
         seed_all(cfg.seed + dist.rank + 1_000_003 * (epoch + 1))
         train_loader.sampler.set_epoch(epoch)
-        stage = set_epoch(model_without_ddp, epoch)
-        if model_ema is not None:
-            set_epoch(model_ema.module, epoch)
-        kept = toe.schedule.kept_tokens(n_tokens, stage) if toe is not None and n_tokens else n_tokens
+        methods.on_epoch(Clock(epoch, 0, global_step, iters_per_epoch, cfg.epochs))
+        subset = methods.train_indices(epoch, len(train_loader.dataset))
+        train_loader.sampler.set_indices(subset)
         train_stats = train_one_epoch(
             train_model, criterion, train_loader, optimizer, device, epoch, cfg.epochs, log,
             amp_dtype=amp_dtype, scaler=scaler, model_ema=model_ema, mixup_fn=mixup_fn, clip_grad=cfg.clip_grad,
             accum_steps=cfg.grad_accum_steps, print_freq=cfg.print_freq, world_size=dist.world_size,
-            kept_tokens=kept, global_step=epoch * len(train_loader))
+            methods=methods, global_step=global_step, iters_per_epoch=iters_per_epoch)
+        global_step += train_stats["iters"]
         scheduler.step(epoch + 1)
         train_seconds += train_stats["epoch_seconds"]
         images_seen += train_stats["iters"] * cfg.batch_size * dist.world_size
         val = evaluate(model, val_loader, device, amp_dtype)
         val_ema = evaluate(model_ema.module, val_loader, device, amp_dtype) if model_ema is not None and cfg.model_ema_eval else None
+        val_extra = {}
+        for suffix, setting in eval_variants.items():
+            with setting():
+                val_extra[suffix] = evaluate(model, val_loader, device, amp_dtype)
         score = (val_ema if cfg.best_on == "ema" else val)["acc1"]
         improved = score > best["acc1"]
         if improved:
             best = {"acc1": score, "epoch": epoch, "on": cfg.best_on}
-        record = {"epoch": epoch, "toe_stage": stage, "kept_tokens": kept,
+        record = {"epoch": epoch, **methods.epoch_fields(), "global_step": global_step,
+                  "train_examples": len(subset) if subset is not None else len(train_loader.dataset),
                   **{f"train_{k}": v for k, v in train_stats.items()},
                   **{f"val_{k}": v for k, v in val.items()},
                   **({f"val_ema_{k}": v for k, v in val_ema.items()} if val_ema else {}),
+                  **{f"val_{suffix}_{k}": v for suffix, stats in val_extra.items() for k, v in stats.items()},
                   "best_acc1": best["acc1"], "n_parameters": n_params, "wall_seconds": time.perf_counter() - wall_start}
         log.log_epoch(record)
         history.append(record)
         log.info(f"Epoch {epoch + 1}/{cfg.epochs}: train loss {train_stats['loss']:.4f} | val top-1 {val['acc1']:.2f}"
                  + (f" | EMA top-1 {val_ema['acc1']:.2f}" if val_ema else "")
+                 + "".join(f" | {suffix} top-1 {stats['acc1']:.2f}" for suffix, stats in val_extra.items())
                  + f" | {train_stats['images_per_s']:.0f} img/s | {format_seconds(train_stats['epoch_seconds'])}"
-                 + (f" | ToE stage {stage}, {kept}/{n_tokens} tokens" if toe is not None else ""))
+                 + (f" | {methods.epoch_text()}" if methods.epoch_text() else ""))
         if dist.is_main:
             state = {"model": model_without_ddp.state_dict(),
                      "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
                      "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
-                     "epoch": epoch, "best": best, "config": cfg.to_dict(), "version": ckpt_io.VERSION}
+                     "epoch": epoch, "global_step": global_step, "methods": methods.state_dict(),
+                     "best": best, "config": cfg.to_dict(), "version": ckpt_io.VERSION}
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 ckpt_io.save_checkpoint(state, os.path.join(out, "checkpoint.pth"))
             if improved:
@@ -233,7 +237,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     wall = time.perf_counter() - wall_start
     summary = {"final": history[-1] if history else None, "best": best, "wall_seconds": wall,
                "train_seconds": train_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
-               "kept_tokens_per_stage": tokens, "output_dir": os.path.abspath(out)}
+               "methods": methods.summary(), "output_dir": os.path.abspath(out)}
     if dist.is_main and history:
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -242,8 +246,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         log.info(f"done: {len(history)} epochs in {format_seconds(wall)} ({summary['images_per_s']:.0f} train img/s)")
         log.info(f"final val top-1 {last['val_acc1']:.2f}" + (f", EMA {last['val_ema_acc1']:.2f}" if "val_ema_acc1" in last else "")
                  + f"; best ({best['on']}) {best['acc1']:.2f} at epoch {best['epoch'] + 1}")
-        if tokens:
-            log.info(f"ToE kept patch tokens per stage: {tokens} of {n_tokens}")
+        if len(methods):
+            log.info(f"methods: {methods.describe()}")
         log.info(f"outputs: {os.path.abspath(out)} (config.yaml, log.jsonl, tensorboard/, checkpoint.pth, best.pth, summary.json)")
     log.close()
     return summary
@@ -259,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         run(cfg, dist)
         return 0
-    except (ConfigError, DatasetError, TokenLabelError, ckpt_io.CheckpointError, NonFiniteLossError) as e:
+    except (ConfigError, MethodError, DatasetError, TokenLabelError, ckpt_io.CheckpointError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -1,7 +1,8 @@
-"""Model factory: any timm ViT by name, with ToE patched in when the config has a ``toe:`` section.
+"""Model factory: any timm ViT by name, patched by the run's active methods.
 
-Nothing here forks or re-registers timm code: the returned model is exactly ``timm.create_model(...)``, plus a
-parameter-free ``model.toe`` operator and its forward pre-hook. Its ``state_dict`` is that of the plain model.
+Nothing here forks or re-registers timm code: the returned model is exactly ``timm.create_model(...)``, changed in
+place by each active method's ``patch`` (ToE adds a parameter-free operator and a forward pre-hook; its
+``state_dict`` is that of the plain model). Model variants a method needs are registered with timm by its package.
 """
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from typing import Any, Dict, Optional
 import timm
 from torch import nn
 
-from toe import apply_toe
+from methods import MethodSet, registry
 
 from . import lvvit  # noqa: F401  (registers lvvit_t/s/m/l with timm)
 
 
-def create_model(cfg, num_classes: int, **overrides: Any) -> nn.Module:
-    """Build ``cfg.model`` for ``num_classes`` classes at ``cfg.input_size``, then apply ToE if configured."""
+def create_model(cfg, num_classes: int, methods: Optional[MethodSet] = None, **overrides: Any) -> nn.Module:
+    """Build ``cfg.model`` for ``num_classes`` classes at ``cfg.input_size``, then let every active method patch it
+    (``methods``: the run's :class:`MethodSet`, built from ``cfg`` when not given; ``MethodSet([])`` for none)."""
+    registry()          # imports every method package, which registers the model variants methods need
     kwargs: Dict[str, Any] = dict(pretrained=False, num_classes=num_classes, drop_rate=cfg.drop,
                                   drop_path_rate=cfg.drop_path, img_size=cfg.input_size)
     kwargs.update(cfg.model_kwargs)
@@ -30,9 +33,7 @@ def create_model(cfg, num_classes: int, **overrides: Any) -> nn.Module:
         raise
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if cfg.toe is not None:
-        apply_toe(model, cfg.toe.schedule(), insert_block=cfg.toe.insert_block, sparse_eval=cfg.toe.sparse_eval,
-                  distance_mode=cfg.toe.distance_mode)
+    (MethodSet.from_config(cfg) if methods is None else methods).patch(model)
     return model
 
 

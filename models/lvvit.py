@@ -14,10 +14,11 @@ and the result is ``(cls_logits [B, K], aux_logits [B, N, K], MixBox)``; the aux
 back, so row ``b`` of ``aux_logits`` always describes image ``b``. Evaluation returns one tensor,
 ``cls + 0.5 * aux.max(1)``, so a plain classification ``evaluate()`` works.
 
-ToE: ``toe.apply_toe`` registers a pre-hook on ``blocks[insert_block]``; every block is called as a module (also under
-gradient checkpointing), so the hook fires. When the blocks ran on a reduced token set, the tokens are scattered back
-to their original grid positions after the final norm (zeros where tokens were merged away, as ToE's LV-ViT code
-does), so the aux head, MixToken un-mixing and the dense loss always see the full grid.
+Token-reducing methods (ToE, ...) patch blocks with forward pre-hooks; every block is called as a module (also under
+gradient checkpointing), so the hooks fire. When the blocks ran on a reduced token set, the tokens are scattered back
+to their original grid positions after the final norm, from the positions the methods recorded
+(:mod:`models.tokens`; zeros where tokens were merged away, as ToE's LV-ViT code does), so the aux head, MixToken
+un-mixing and the dense loss always see the full grid.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import torch.utils.checkpoint
 from timm.layers import Attention, DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from .tokens import find_positions, restore_grid
 
 __all__ = ["LVViT", "MixBox", "ConvPatchEmbed", "LVViTBlock", "sample_mix_box"]
 
@@ -217,18 +220,6 @@ class LVViT(nn.Module):
                 x = blk(x)
         return x
 
-    def _restore_grid(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Put reduced tokens back at their original positions (``toe.kept_index``); zeros where none survived."""
-        if x.shape[1] == num_tokens:
-            return x
-        toe = getattr(self, "toe", None)
-        index = getattr(toe, "kept_index", None)
-        if index is None or index.shape[:2] != x.shape[:2]:
-            raise RuntimeError(f"the blocks returned {x.shape[1]} tokens instead of {num_tokens}, and no matching ToE "
-                               "kept_index is recorded to restore the grid")
-        full = x.new_zeros(x.shape[0], num_tokens, x.shape[2])
-        return full.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)
-
     def _tokens(self, grid: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` patch grid -> normed ``[B, 1 + H*W, C]`` tokens on the full grid."""
         x = grid.flatten(2).transpose(1, 2)
@@ -236,7 +227,8 @@ class LVViT(nn.Module):
         x = self.pos_drop(x)
         num_tokens = x.shape[1]
         x = self.norm(self._run_blocks(x))
-        return self._restore_grid(x, num_tokens)
+        positions = find_positions(self)
+        return restore_grid(x, positions.before() if positions is not None else None, num_tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normed tokens ``[B, 1 + N, C]`` on the full grid, without MixToken (e.g. for a teacher or probing)."""

@@ -74,9 +74,12 @@ def write_cifar(root, hundred=False, n=8):
 
 def check_batches(loader, size, nb_classes, max_batches=2):
     seen = 0
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch[:2]
         assert x.dtype == torch.float32 and x.shape[1:] == (3, size, size)
         assert x.shape[0] <= loader.batch_size and y.max() < nb_classes
+        if len(batch) == 3:          # training batches end with the dataset indices of their samples
+            assert batch[2].dtype == torch.long and 0 <= batch[2].min() and batch[2].max() < len(loader.dataset)
         seen += 1
         if seen == max_batches:
             break

@@ -89,11 +89,11 @@ def test_residual_branches_are_divided_by_skip_lam():
 
 
 def test_create_model_through_project_factory():
-    from config import Config, ToEConfig
+    from config import build_config
     from models import create_model
-    cfg = Config(model="lvvit_t", input_size=64, drop_path=0.1,
-                 model_kwargs=dict(depth=2, embed_dim=32, num_heads=2),
-                 toe=ToEConfig(expansion_steps=[0, 10], keep_rates=[0.5, 1.0], init_keep_rate=0.25, repeat_k=1))
+    cfg = build_config(dict(model="lvvit_t", input_size=64, drop_path=0.1, epochs=20,
+                            model_kwargs=dict(depth=2, embed_dim=32, num_heads=2),
+                            toe=dict(expansion_steps=[0, 10], keep_rates=[0.5, 1.0], init_keep_rate=0.25, repeat_k=1)))
     model = create_model(cfg, NUM_CLASSES)
     assert model.toe is not None and model.head.out_features == NUM_CLASSES
     cls, aux, box = model.train()(torch.randn(2, 3, 64, 64))

@@ -48,7 +48,7 @@ def test_tiny_run_writes_every_output(digits, tmp_path, capsys):
     assert any(f.startswith("events.") for f in os.listdir(tmp_path / "tensorboard"))
     log = read_log(tmp_path)
     assert [r["epoch"] for r in log] == [0, 1]
-    assert [(r["toe_stage"], r["kept_tokens"]) for r in log] == [(1, 8), (2, 16)]
+    assert [(r["toe_stage"], r["toe_kept_tokens"]) for r in log] == [(1, 8), (2, 16)]
     for key in ("train_loss", "train_lr", "train_images_per_s", "train_epoch_seconds", "val_acc1", "val_acc5",
                 "val_ema_acc1", "best_acc1"):
         assert key in log[0], key
@@ -150,7 +150,7 @@ def test_distillation_with_a_local_teacher(digits, tmp_path, kind):
                "--teacher_path", str(tmp_path / "teacher.pth"))
     assert code == 0
     log = read_log(tmp_path / "run")
-    assert log[0]["kept_tokens"] == 8 and log[0]["train_loss"] > 0
+    assert log[0]["toe_kept_tokens"] == 8 and log[0]["train_loss"] > 0
 
 
 def test_distillation_loss_terms():
@@ -183,7 +183,7 @@ def test_two_process_torchrun_with_gloo(digits, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     log = read_log(tmp_path / "ddp")
     assert len(log) == 2 and log[-1]["val_count"] == val_size(digits)   # the ranks' disjoint shards add up
-    assert [r["kept_tokens"] for r in log] == [8, 16]
+    assert [r["toe_kept_tokens"] for r in log] == [8, 16]
     assert res.stdout.count("Epoch 2/2:") == 1               # only rank 0 reports
     ckpt = load(tmp_path / "ddp" / "checkpoint.pth")
     assert not any(k.startswith("module.") for k in ckpt["model"])
@@ -200,7 +200,7 @@ def test_full_deit_recipe_switches_together(digits, tmp_path, capsys):
     # lr 1e-3 for a batch of 64, scaled to the global batch 32 x 1 process x 2 accumulation steps = 64
     assert "lr 1.000e-03" in out and "accum 2" in out
     log = read_log(tmp_path)
-    assert log[0]["kept_tokens"] == 8 and log[0]["train_loss"] > 0
+    assert log[0]["toe_kept_tokens"] == 8 and log[0]["train_loss"] > 0
 
 
 def test_lvvit_with_token_labels_and_toe_end_to_end(digits, tmp_path, capsys):
@@ -222,7 +222,7 @@ def test_lvvit_with_token_labels_and_toe_end_to_end(digits, tmp_path, capsys):
         "--aa", "rand-m9-mstd0.5-inc1", "--amp", "none"])
     assert code == 0, capsys.readouterr().err
     log = read_log(tmp_path / "run")
-    assert [(r["toe_stage"], r["kept_tokens"]) for r in log] == [(1, 8), (2, 16)]
+    assert [(r["toe_stage"], r["toe_kept_tokens"]) for r in log] == [(1, 8), (2, 16)]
     assert log[0]["val_count"] == val_size(digits) and log[-1]["train_loss"] > 0
     # a token-grid mismatch is caught before training
     code = entry.main(["--config", os.path.join(ROOT, "configs", "lvvit_t.yaml"), "--data_set", "digits",

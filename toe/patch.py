@@ -16,6 +16,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from models.tokens import token_positions
+
 from .ops import token_expansion
 from .schedule import ToESchedule
 
@@ -26,8 +28,9 @@ class TokenExpansion(nn.Module):
     """The ToE operator with its stage state. Call it on ``[B, P + N, C]`` tokens; it returns ``(x, kept_index)``.
 
     Active while training, or in evaluation when ``sparse_eval`` is set, and only in stages that reduce tokens.
-    ``kept_index`` (``[B, P + M]``, original position of every output row, or ``None``) of the last call is also
-    kept in ``self.kept_index`` so models with dense outputs (LV-ViT) can scatter tokens back to the grid.
+    ``kept_index`` (``[B, P + M]``, position in the input of every output row, or ``None``) of the last call is also
+    kept in ``self.kept_index`` and, when ``positions`` is set, recorded in the model's
+    :class:`models.tokens.TokenPositions`, so models with dense outputs (LV-ViT) can scatter tokens back to the grid.
     """
 
     def __init__(self, schedule: ToESchedule, num_prefix_tokens: int = 1, insert_block: int = 1,
@@ -43,6 +46,7 @@ class TokenExpansion(nn.Module):
         self.epoch = 0
         self.stage = schedule.stage(0)
         self.kept_index: Optional[torch.Tensor] = None
+        self.positions = None           # the model's models.tokens.TokenPositions, where the kept index is recorded
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -63,6 +67,8 @@ class TokenExpansion(nn.Module):
         x, index = token_expansion(x, self.schedule, self.stage, self.num_prefix_tokens,
                                    nearest=self.distance_mode == "nearest")
         self.kept_index = index
+        if self.positions is not None:
+            self.positions.record(self.insert_block, index)
         return x, index
 
     def _pre_hook(self, block: nn.Module, args, kwargs):
@@ -118,6 +124,7 @@ def apply_toe(model: nn.Module, schedule: ToESchedule, insert_block: int = 1, sp
     if not 0 <= insert_block < len(blocks):
         raise ValueError(f"toe.insert_block {insert_block} is outside 0..{len(blocks) - 1} for a {len(blocks)}-block model")
     toe = TokenExpansion(schedule, getattr(model, "num_prefix_tokens", 1), insert_block, sparse_eval, distance_mode)
+    toe.positions = token_positions(model)
     model.toe = toe
     blocks[insert_block].register_forward_pre_hook(toe._pre_hook, with_kwargs=True)
     return toe

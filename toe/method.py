@@ -1,0 +1,139 @@
+"""Token Expansion as a method plug-in: the ``toe:`` config section and its hooks into the trainer.
+
+ToE changes by epoch (its stages), reduces tokens once, at the input of ``insert_block``, and needs the full patch
+grid there (its seeds are raster positions). It has no state of its own beyond the epoch, so checkpoints carry
+nothing for it. Evaluation runs on all tokens unless ``sparse_eval``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from torch import nn
+
+from methods import Clock, Method, MethodError, TokenSite, Variant, register_method
+
+from .patch import DISTANCE_MODES, apply_toe, iter_toe
+from .schedule import DISTANCES, ScheduleError, ToESchedule
+
+
+@dataclass
+class ToEConfig:
+    """Token Expansion. Stage s runs from ``expansion_steps[s-1]`` and keeps ``keep_rates[s-1]`` of the patch tokens."""
+    expansion_steps: List[int] = field(default_factory=lambda: [0, 100, 200])
+    keep_rates: List[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
+    init_keep_rate: float = 0.25
+    repeat_k: int = 2
+    distance: str = field(default="cosine", metadata={"choices": DISTANCES})
+    # published: the authors' max-score rule for every distance; nearest: min distance for manhattan/euclidean
+    distance_mode: str = field(default="published", metadata={"choices": DISTANCE_MODES})
+    # ToE runs on the input of this block, i.e. after block insert_block - 1 (1 = after the first block)
+    insert_block: int = 1
+    # also reduce tokens in evaluation (the paper evaluates on all tokens)
+    sparse_eval: bool = False
+
+    def schedule(self) -> ToESchedule:
+        return ToESchedule(tuple(self.expansion_steps), tuple(self.keep_rates), self.init_keep_rate,
+                           self.repeat_k, self.distance)
+
+
+@register_method
+class ToE(Method):
+    name = "toe"
+    label = "ToE"
+    Config = ToEConfig
+
+    def __init__(self, section: ToEConfig, cfg: Any):
+        super().__init__(section, cfg)
+        self.schedule = section.schedule()
+        self.epochs = cfg.epochs
+        self.num_patches = 0
+        self.stage = self.schedule.stage(0)
+        self.ops: list = []
+
+    @classmethod
+    def validate(cls, section: ToEConfig, cfg: Any) -> None:
+        try:
+            section.schedule()
+        except ScheduleError as e:
+            raise MethodError(str(e)) from None
+        last = section.expansion_steps[-1]
+        if last >= cfg.epochs:
+            raise MethodError(f"toe.expansion_steps: stage {len(section.expansion_steps)} starts at epoch {last} but "
+                              f"epochs is {cfg.epochs}: scale the steps to the run length")
+        if section.insert_block < 0:
+            raise MethodError(f"toe.insert_block: {section.insert_block} must be >= 0")
+
+    def token_site(self) -> TokenSite:
+        b = self.section.insert_block
+        return TokenSite(float(b), needs_full_grid=True, what=f"toe.insert_block {b}: ToE at the input of block {b}")
+
+    # --- the model ------------------------------------------------------------------------------------------
+    def patch(self, model: nn.Module) -> None:
+        blocks = getattr(model, "blocks", None)
+        patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not patches:
+            raise MethodError(f"toe: {type(model).__name__} has no patch tokens and `blocks`; ToE needs a timm-style ViT")
+        b = self.section.insert_block
+        if b >= len(blocks):
+            raise MethodError(f"toe.insert_block: {b} is outside 0..{len(blocks) - 1} for a {len(blocks)}-block model")
+        for stage in range(1, self.schedule.num_stages + 1):
+            if self.schedule.is_reducing(stage) and self.schedule.kept_tokens(patches, stage) < 1:
+                raise MethodError(f"toe.keep_rates: stage {stage} keeps 0 of {patches} patch tokens; raise "
+                                  f"toe.keep_rates / toe.init_keep_rate or use a larger input_size")
+        apply_toe(model, self.schedule, insert_block=b, sparse_eval=self.section.sparse_eval,
+                  distance_mode=self.section.distance_mode)
+
+    def attach(self, models) -> None:
+        super().attach(models)
+        self.ops = [op for m in self.models for op in iter_toe(m)]
+        pe = getattr(self.models[0], "patch_embed", None) if self.models else None
+        self.num_patches = int(getattr(pe, "num_patches", 0) or 0)
+
+    # --- the clock ------------------------------------------------------------------------------------------
+    def on_epoch(self, clock: Clock) -> None:
+        self.stage = self.schedule.stage(clock.epoch)
+        for op in self.ops:
+            op.set_epoch(clock.epoch)
+
+    # --- reporting ------------------------------------------------------------------------------------------
+    @property
+    def kept(self) -> int:
+        return self.schedule.kept_tokens(self.num_patches, self.stage)
+
+    def per_stage(self) -> Dict[int, int]:
+        """Patch tokens kept in each stage this run reaches, e.g. ``{1: 98, 2: 147, 3: 196}``."""
+        return {stage: self.schedule.kept_tokens(self.num_patches, stage)
+                for stage, _, _ in self.schedule.stage_epochs(self.epochs)}
+
+    def describe(self) -> str:
+        return f"ToE: kept patch tokens per stage {self.per_stage()} of {self.num_patches}"
+
+    def progress(self) -> str:
+        return f"tokens {self.kept}"
+
+    def epoch_fields(self) -> Dict[str, Any]:
+        return {"toe_stage": self.stage, "toe_kept_tokens": self.kept}
+
+    def epoch_text(self) -> str:
+        return f"ToE stage {self.stage}, {self.kept}/{self.num_patches} tokens"
+
+    def summary(self) -> Dict[str, Any]:
+        return {"kept_tokens_per_stage": self.per_stage(), "num_patches": self.num_patches}
+
+    def boundaries(self) -> List[int]:
+        return [s for s in self.schedule.expansion_steps if 0 < s < self.epochs]
+
+    # --- measurement ----------------------------------------------------------------------------------------
+    def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
+        out = []
+        for stage, first, last in self.schedule.stage_epochs(epochs):
+            def apply(model: nn.Module, stage: int = stage) -> None:
+                for op in iter_toe(model):
+                    op.stage, op.sparse_eval = stage, True
+            out.append(Variant(f"ToE stage {stage}", (last - first) / epochs, apply,
+                               self.schedule.kept_tokens(num_patches, stage), (first, last)))
+        return out
+
+    def op_modules(self, model: nn.Module) -> List[nn.Module]:
+        return list(iter_toe(model))
