@@ -1,18 +1,19 @@
-"""What a DeiT / ToE run costs: forward FLOPs per stage, total training FLOPs, and measured training throughput.
+"""What a run costs: forward FLOPs of every state the run's methods put the model in, total training FLOPs, and
+measured training throughput, for any method (the methods declare their states; nothing here knows one by name).
 
-Two halves, used by ``scripts/flops.py`` and ``scripts/benchmark.py``:
+Two halves, used by ``scripts/flops.py``, ``scripts/benchmark.py``, ``scripts/compare.py`` and ``scripts/sweep.py``:
 
 * **FLOPs** (:func:`model_flops`, :func:`training_flops`, :func:`analytic_vit_flops`): fvcore counts of one
-  ``1x3xSxS`` forward pass with full tokens and in every ToE stage, next to the closed-form ViT cost. fvcore counts
-  one fused multiply-add as one FLOP (so these are MACs, the unit of the DeiT/ToE papers). It has no handle for
-  ``aten::scaled_dot_product_attention`` (timm's fused attention), so we register one; without it the attention
-  products ``q@k^T`` and ``attn@v`` would silently count as zero. The ToE operator is reported on its own line:
-  its scores of every patch token against the kept ones (matmuls, or ``cdist`` for the non-cosine distances)
-  are counted; its ``topk`` / ``index_select`` / ``index_add`` / division are memory operations and, like every
-  elementwise op, are not.
-* **Throughput** (:func:`benchmark_training`, :func:`benchmark_inference`): real optimizer steps with full tokens and
-  in every reducing ToE stage, interleaved round-robin in one process so that machine drift hits every variant alike,
-  against the FLOPs-ideal speed-up. The efficiency ``measured / ideal`` is what a user of ToE actually gets.
+  ``1x3xSxS`` forward pass of the plain model and of every method state (:class:`methods.Variant`: a ToE stage, a
+  PSS keep-rate level, ...), next to the closed-form ViT cost of the token counts that really entered each block.
+  fvcore counts one fused multiply-add as one FLOP (so these are MACs, the unit of the DeiT/ToE/PSS papers). It has
+  no handle for ``aten::scaled_dot_product_attention`` (timm's fused attention), so we register one; without it the
+  attention products ``q@k^T`` and ``attn@v`` would silently count as zero. The methods' own operators
+  (``Method.op_modules``) are reported on their own: their matmuls (or ``cdist``) are counted; their ``topk`` /
+  gathers / scatters are memory operations and, like every elementwise op, are not.
+* **Throughput** (:func:`benchmark_training`, :func:`benchmark_inference`): real optimizer steps of the plain model
+  and in every method state, interleaved round-robin in one process so that machine drift hits every variant alike,
+  against the FLOPs-ideal speed-up. The efficiency ``measured / ideal`` is what a user of a method actually gets.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,8 +32,9 @@ from torch import nn
 
 from engine import AMP_DTYPES
 from engine import autocast as engine_autocast
+from methods import MethodSet
 from models import create_model
-from toe import find_toe, iter_toe, set_sparse_eval
+from models.tokens import find_positions
 
 # Training images per epoch. imagenet: the ILSVRC-2012 train split; cifar: the train splits; digits: the
 # scikit-learn digits minus every 5th image of each class, which datasets.prepare_digits holds out for val.
@@ -59,33 +61,32 @@ def num_classes_of(cfg, override: Optional[int] = None) -> int:
     return DATASET_CLASSES.get(cfg.data_set, 1000)
 
 
+def iterations_per_epoch(cfg, images: int, world_size: int = 1) -> int:
+    """Optimizer-loop iterations of one epoch: the period of per-iteration method schedules (PSS's cycle)."""
+    return max(1, images // (cfg.batch_size * world_size))
+
+
 # ================================================================================================ analytic FLOPs
 def analytic_vit_flops(img_size: int = 224, patch_size: int = 16, embed_dim: int = 384, depth: int = 12,
                        num_classes: int = 1000, mlp_ratio: float = 4.0, num_prefix_tokens: int = 1,
-                       in_chans: int = 3, kept_patches: Optional[int] = None, insert_block: int = 1,
-                       num_heads_out: int = 1) -> Dict[str, float]:
-    """Closed-form forward MACs of a plain ViT, optionally with ToE keeping ``kept_patches`` from ``insert_block`` on.
+                       in_chans: int = 3, num_heads_out: int = 1,
+                       block_tokens: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """Closed-form forward MACs of a plain ViT whose block ``i`` sees ``block_tokens[i]`` tokens (prefix included;
+    default: every token in every block).
 
-    patch embedding ``N*C*in*p^2``; each block ``(4 + 2*mlp_ratio)*n*C^2 + 2*n^2*C`` with ``n`` tokens including the
-    prefix (qkv 3nC^2, proj nC^2, MLP 2*mlp_ratio*nC^2, q@k^T and attn@v n^2C each); head ``C*classes`` per head
-    (``num_heads_out=2`` for distilled DeiT). Norms, activations, softmax and the ToE operator itself are left out,
-    as in the papers' tables; ``toe_scores`` gives the operator's cosine scores ``M*N*C`` separately
-    (every patch against each of the ``M`` kept ones).
+    patch embedding ``N*C*in*p^2``; each block ``(4 + 2*mlp_ratio)*n*C^2 + 2*n^2*C`` with ``n`` tokens (qkv 3nC^2,
+    proj nC^2, MLP 2*mlp_ratio*nC^2, q@k^T and attn@v n^2C each); head ``C*classes`` per head (``num_heads_out=2``
+    for distilled DeiT). Norms, activations, softmax and the methods' operators are left out, as in the papers'
+    tables.
     """
     patches = (img_size // patch_size) ** 2
-    full = patches + num_prefix_tokens
-    reduced = full if kept_patches is None else kept_patches + num_prefix_tokens
+    tokens = list(block_tokens) if block_tokens is not None else [patches + num_prefix_tokens] * depth
     c = embed_dim
-
-    def block(n: int) -> float:
-        return (4 + 2 * mlp_ratio) * n * c * c + 2 * n * n * c
-
     patch_embed = patches * c * in_chans * patch_size ** 2
-    blocks = sum(block(full if i < insert_block else reduced) for i in range(depth))
+    blocks = sum((4 + 2 * mlp_ratio) * n * c * c + 2 * n * n * c for n in tokens)
     head = c * num_classes * num_heads_out
-    toe_scores = 0.0 if kept_patches is None else kept_patches * patches * c
     return {"patch_embed": float(patch_embed), "blocks": float(blocks), "head": float(head),
-            "toe_scores": float(toe_scores), "total": float(patch_embed + blocks + head)}
+            "total": float(patch_embed + blocks + head)}
 
 
 def input_channels(model: nn.Module) -> int:
@@ -143,40 +144,51 @@ EXTRA_HANDLES: Dict[str, Callable] = {
 
 @dataclass
 class FlopCount:
-    """One fvcore count: ``total`` = ``model`` (everything outside the ToE operator) + ``toe_op``."""
+    """One fvcore count: ``total`` = ``model`` (everything outside the methods' operators) + ``method_op``."""
     total: float
-    toe_op: float
+    method_op: float
     by_operator: Dict[str, float]
     not_counted: List[str]                     # operators that ran but have no FLOPs handle (memory/elementwise)
+    block_tokens: List[int]                    # tokens (prefix included) that entered each block
 
     @property
     def model(self) -> float:
-        return self.total - self.toe_op
+        return self.total - self.method_op
 
 
-def count_flops(model: nn.Module, input_size: int, in_chans: int = 3) -> FlopCount:
+def count_flops(model: nn.Module, input_size: int, in_chans: int = 3,
+                op_modules: Sequence[nn.Module] = ()) -> FlopCount:
     """fvcore forward FLOPs (MACs) of ``model`` on one ``1 x in_chans x S x S`` image, in the model's current mode.
 
-    Fused attention is counted through :data:`EXTRA_HANDLES`. The ToE operator's share comes from fvcore's
-    per-module attribution (the operator is the ``TokenExpansion`` sub-module, called from a block pre-hook).
+    Fused attention is counted through :data:`EXTRA_HANDLES`. The share of ``op_modules`` (the methods' operators)
+    comes from fvcore's per-module attribution; the tokens entering every block are recorded on the way.
     """
-    toe = find_toe(model)
-    toe_name = next((n for n, m in model.named_modules() if m is toe), None) if toe is not None else None
+    names = {id(m): n for n, m in model.named_modules()}
+    op_names = [names[id(m)] for m in op_modules if id(m) in names]
+    seen: List[int] = []
+    hooks = [blk.register_forward_pre_hook(lambda mod, args: seen.append(int(args[0].shape[1])))
+             for blk in getattr(model, "blocks", [])]
     image = torch.randn(1, in_chans, input_size, input_size, generator=torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")          # tracer and torch.jit deprecation warnings say nothing here
-        from fvcore.nn import FlopCountAnalysis
-        analysis = FlopCountAnalysis(model, image.to(device))
-        analysis.set_op_handle(**EXTRA_HANDLES)
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        analysis.tracer_warnings("none")
-        total = float(analysis.total())
-        toe_op = float(analysis.by_module().get(toe_name, 0)) if toe_name else 0.0
-        by_op = {k: float(v) for k, v in analysis.by_operator().items()}
-        skipped = sorted(analysis.unsupported_ops())
-    return FlopCount(total, toe_op, by_op, skipped)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # tracer and torch.jit deprecation warnings say nothing here
+            from fvcore.nn import FlopCountAnalysis
+            analysis = FlopCountAnalysis(model, image.to(device))
+            analysis.set_op_handle(**EXTRA_HANDLES)
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            analysis.tracer_warnings("none")
+            total = float(analysis.total())
+            by_module = analysis.by_module()
+            op = float(sum(by_module.get(n, 0) for n in op_names))
+            by_op = {k: float(v) for k, v in analysis.by_operator().items()}
+            skipped = sorted(analysis.unsupported_ops())
+    finally:
+        for h in hooks:
+            h.remove()
+    depth = len(getattr(model, "blocks", []))
+    return FlopCount(total, op, by_op, skipped, seen[-depth:] if depth else [])
 
 
 @contextlib.contextmanager
@@ -192,103 +204,104 @@ def unfused_attention(model: nn.Module):
             m.fused_attn = True
 
 
-def set_stage(model: nn.Module, stage: int) -> None:
-    """Put every ToE operator of ``model`` in ``stage`` (0 = full tokens), whatever epochs the schedule maps to it."""
-    for toe in iter_toe(model):
-        toe.stage = int(stage)
-
-
 @dataclass
-class StageFlops:
-    """Forward cost of one variant: full tokens (``stage=None``) or a ToE stage with its epoch range."""
-    name: str
-    stage: Optional[int]
-    epochs: Optional[Tuple[int, int]]          # [first, last) epochs of the stage in the run
-    patch_tokens: int                          # patch tokens after the operator (blocks >= insert_block)
-    reducing: bool
+class VariantFlops:
+    """Forward cost of one state: the plain model (``label`` "full tokens") or a method state with its share of
+    the training schedule."""
+    label: str
+    share: float
+    epochs: Optional[Tuple[int, int]]          # [first, last) epochs when the state is a span of epochs
+    patch_tokens: int                          # fewest patch tokens any block sees
     fvcore: FlopCount
     analytic: Dict[str, float]
+    apply: Optional[Callable[[nn.Module], None]] = field(default=None, repr=False, compare=False)
+    # runs as the plain model: same tokens in every block, same FLOPs, no operator (e.g. ToE's final keep rate 1.0)
+    same_as_full: bool = False
 
     def row(self) -> Dict[str, Any]:
-        out = asdict(self)
-        out["fvcore"]["model"] = self.fvcore.model
-        return out
+        return {"label": self.label, "share": self.share, "epochs": list(self.epochs) if self.epochs else None,
+                "patch_tokens": self.patch_tokens, "forward_gflops": self.fvcore.total / 1e9,
+                "fvcore": {"total": self.fvcore.total, "model": self.fvcore.model, "method_op": self.fvcore.method_op,
+                           "by_operator": self.fvcore.by_operator, "not_counted": self.fvcore.not_counted,
+                           "block_tokens": self.fvcore.block_tokens},
+                "analytic": self.analytic, "same_as_full": self.same_as_full}
 
 
-def model_flops(cfg, num_classes: int, input_size: Optional[int] = None) -> Dict[str, Any]:
-    """fvcore and analytic forward FLOPs of ``cfg.model`` with full tokens and in every ToE stage of the run.
-
-    The model is built by :func:`models.create_model` (ToE patched in exactly as for training). It is counted in
-    eval mode with the operator forced on (``sparse_eval``): the same layers and token counts as a training forward,
-    without its randomness (dropout, drop-path, LV-ViT's MixToken) or its tuple outputs (distilled DeiT, LV-ViT).
-    """
-    size = int(input_size or cfg.input_size)
-    model = create_model(cfg, num_classes, img_size=size)
+def _prepared(model: nn.Module, cfg) -> nn.Module:
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(False)            # recomputation adds no forward FLOPs and does not trace
-    model.eval()
-    set_sparse_eval(model, True)
-    params = sum(p.numel() for p in model.parameters())
-    dims = vit_dims(model)
-    in_chans = input_channels(model)
-    toe = find_toe(model)
-    num_patches = (size // dims["patch_size"]) ** 2 if dims else int(getattr(model.patch_embed, "num_patches", 0))
+    return model.eval()
 
-    def variant(name: str, stage: Optional[int], epochs: Optional[Tuple[int, int]]) -> StageFlops:
-        set_stage(model, stage or 0)
-        reducing = toe is not None and stage is not None and toe.schedule.is_reducing(stage)
-        kept = toe.schedule.kept_tokens(num_patches, stage) if reducing else num_patches
-        analytic = analytic_vit_flops(**dims, kept_patches=kept if reducing else None,
-                                      insert_block=toe.insert_block if toe else 1) if dims else {}
-        return StageFlops(name, stage, epochs, kept, reducing, count_flops(model, size, in_chans), analytic)
 
-    full = variant("full tokens", None, None)
-    stages: List[StageFlops] = []
-    if toe is not None:
-        for stage, first, last in toe.schedule.stage_epochs(cfg.epochs):
-            if toe.schedule.is_reducing(stage):
-                stages.append(variant(f"stage {stage}", stage, (first, last)))
-            else:        # stage 0 and a final keep rate of 1.0 run the plain model: same count as full tokens
-                stages.append(StageFlops(f"stage {stage}", stage, (first, last), full.patch_tokens, False,
-                                         full.fvcore, full.analytic))
-    set_stage(model, 0)
+def model_flops(cfg, num_classes: int, input_size: Optional[int] = None, images: Optional[int] = None,
+                world_size: int = 1) -> Dict[str, Any]:
+    """fvcore and analytic forward FLOPs of ``cfg.model``: the plain model, and every state the active methods
+    declare (combinations of several methods are their product, with the product of the shares).
+
+    The models are built by :func:`models.create_model` exactly as for training. They are counted in eval mode with
+    each method state applied (``Variant.apply`` turns the operators on in eval mode too): the same layers and
+    token counts as a training forward, without its randomness (dropout, drop-path, LV-ViT's MixToken) or its tuple
+    outputs (distilled DeiT, LV-ViT). ``images`` per epoch sets the period of per-iteration schedules.
+    """
+    size = int(input_size or cfg.input_size)
+    methods = MethodSet.from_config(cfg)
+    plain = _prepared(create_model(cfg, num_classes, MethodSet([]), img_size=size), cfg)
+    params = sum(p.numel() for p in plain.parameters())
+    dims = vit_dims(plain)
+    in_chans = input_channels(plain)
+    prefix = int(getattr(plain, "num_prefix_tokens", 1))
+
+    def measured(label, model, share, epochs, ops, apply=None) -> VariantFlops:
+        count = count_flops(model, size, in_chans, ops)
+        analytic = analytic_vit_flops(**dims, block_tokens=count.block_tokens) if dims else {}
+        patch_tokens = min(count.block_tokens) - prefix if count.block_tokens else 0
+        return VariantFlops(label, share, epochs, patch_tokens, count, analytic, apply)
+
+    full = measured("full tokens", plain, 1.0, None, ())
+    num_patches = full.patch_tokens
+    variants: List[VariantFlops] = []
+    if len(methods):
+        model = _prepared(create_model(cfg, num_classes, methods, img_size=size), cfg)
+        ops = methods.op_modules(model)
+        iters = iterations_per_epoch(cfg, images or 1_281_167, world_size)
+        for v in methods.variants(num_patches, cfg.epochs, iters):
+            v.apply(model)
+            vf = measured(v.label, model, v.share, v.epochs, ops, v.apply)
+            vf.same_as_full = (vf.fvcore.method_op == 0 and vf.fvcore.total == full.fvcore.total
+                               and vf.fvcore.block_tokens == full.fvcore.block_tokens)
+            variants.append(vf)
     return {"model": cfg.model, "input_size": size, "num_classes": num_classes, "params": params,
-            "num_patches": num_patches, "epochs": cfg.epochs, "toe": toe is not None, "full": full, "stages": stages}
+            "num_patches": num_patches, "epochs": cfg.epochs, "methods": methods.names,
+            "data_fraction": methods.data_fraction(), "full": full, "variants": variants}
 
 
 # ================================================================================================ training FLOPs
-def training_flops(stage_forward: Sequence[Tuple[int, int, float]], full_forward: float, images: int,
-                   factor: int = FWD_BWD_FACTOR) -> Dict[str, Any]:
-    """Total training FLOPs of a schedule and its ratio to the same run on full tokens.
+def training_flops(parts: Sequence[Tuple[float, float]], full_forward: float, images: int, epochs: int,
+                   data_fraction: float = 1.0, factor: int = FWD_BWD_FACTOR) -> Dict[str, Any]:
+    """Total training FLOPs of a schedule and its ratio to the plain recipe on every image and token.
 
-    ``stage_forward``: ``(first_epoch, last_epoch_exclusive, forward FLOPs per image)`` per stage, covering the run.
-    A stage costs ``forward x factor x images x epochs``; the ideal speed-up is ``full total / schedule total``.
+    ``parts``: ``(share of the training images, forward FLOPs per image)`` per method state (shares sum to 1).
+    The run presents ``data_fraction`` of the ``images`` per epoch (an example-level method trains on a subset);
+    an image costs ``forward x factor``. The ideal speed-up is ``plain total / schedule total``.
     """
-    rows, total, epochs = [], 0.0, 0
-    for first, last, fwd in stage_forward:
-        n = last - first
-        cost = fwd * factor * images * n
-        rows.append({"first_epoch": first, "last_epoch": last, "epochs": n, "forward": fwd, "train": cost})
-        total += cost
-        epochs += n
+    seen = images * epochs * data_fraction
+    total = sum(share * fwd for share, fwd in parts) * factor * seen
     full_total = full_forward * factor * images * epochs
-    return {"stages": rows, "epochs": epochs, "images_per_epoch": images, "factor": factor,
-            "total": total, "full_total": full_total,
-            "average_forward": total / (factor * images * epochs) if epochs else 0.0,
+    average = total / (factor * seen) if seen else 0.0
+    return {"epochs": epochs, "images_per_epoch": images, "data_fraction": data_fraction, "factor": factor,
+            "images_seen": seen, "total": total, "full_total": full_total, "average_forward": average,
             "ratio": total / full_total if full_total else 1.0,
             "ideal_speedup": full_total / total if total else 1.0}
 
 
 def schedule_training_flops(report: Dict[str, Any], images: int, which: str = "total") -> Dict[str, Any]:
     """:func:`training_flops` of a :func:`model_flops` report (``which``: ``total`` fvcore, ``model`` or ``analytic``)."""
-    def fwd(v: StageFlops) -> float:
+    def fwd(v: VariantFlops) -> float:
         if which == "analytic":
             return v.analytic.get("total", 0.0)
         return getattr(v.fvcore, which)
-    full = report["full"]
-    stages = report["stages"] or [StageFlops("full tokens", None, (0, report["epochs"]), full.patch_tokens,
-                                             False, full.fvcore, full.analytic)]
-    return training_flops([(v.epochs[0], v.epochs[1], fwd(v)) for v in stages], fwd(full), images)
+    parts = [(v.share, fwd(v)) for v in report["variants"]] or [(1.0, fwd(report["full"]))]
+    return training_flops(parts, fwd(report["full"]), images, report["epochs"], report.get("data_fraction", 1.0))
 
 
 # ================================================================================================ benchmark
@@ -339,19 +352,6 @@ def autocast_for(device: torch.device, amp: str):
     if dtype is torch.float16 and device.type != "cuda":
         raise ValueError("--amp fp16 needs a GPU (use bf16 on CPU, or none)")
     return lambda: engine_autocast(device, dtype)
-
-
-@dataclass
-class Variant:
-    """One timed training configuration: full tokens (``stage`` 0) or a reducing ToE stage."""
-    name: str
-    stage: int
-    patch_tokens: int
-    forward_flops: float
-    activations_mb: Optional[float] = None
-    step_s: List[float] = field(default_factory=list)
-    peak_mb: List[float] = field(default_factory=list)
-    toe_op_s: List[float] = field(default_factory=list)
 
 
 def _median(xs: Sequence[float]) -> Optional[float]:
@@ -415,44 +415,59 @@ def keep_freed_memory() -> bool:
         return False
 
 
-class _OpTimer:
-    """Times the ToE operator alone, forward and backward, on the real input it saw in this stage.
+@dataclass
+class Timed:
+    """One timed training configuration: the plain model, or the patched model in one method state."""
+    name: str
+    model: nn.Module
+    apply: Optional[Callable[[nn.Module], None]]
+    patch_tokens: int
+    forward_flops: float
+    activations_mb: Optional[float] = None
+    step_s: List[float] = field(default_factory=list)
+    peak_mb: List[float] = field(default_factory=list)
+    op_s: List[float] = field(default_factory=list)
 
-    The input is captured once from an eager forward of the model (a pre-hook on the operator), so the timing
-    covers exactly the tensors of a real step; the operator runs eagerly here even under ``--compile``, so under
-    compilation this is an upper bound.
+
+class _OpTimer:
+    """Times the methods' operators alone, forward and backward, on the real inputs they saw in a state.
+
+    The inputs are captured once per state from an eager forward of the model (pre-hooks on the operators), so the
+    timing covers exactly the tensors of a real step; the operators run eagerly here even under ``--compile``, so
+    under compilation this is an upper bound.
     """
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, autocast, device: torch.device):
-        self.toe = find_toe(model)
-        self.inputs: Dict[int, torch.Tensor] = {}
-        self.grads: Dict[int, torch.Tensor] = {}
-        self.model, self.images, self.autocast, self.device = model, images, autocast, device
+    def __init__(self, ops: Sequence[nn.Module], images: torch.Tensor, autocast, device: torch.device):
+        self.ops, self.images, self.autocast, self.device = list(ops), images, autocast, device
+        self.inputs: Dict[str, List[Tuple[nn.Module, torch.Tensor]]] = {}
 
-    def capture(self, stage: int) -> None:
-        if self.toe is None or stage in self.inputs:
+    def capture(self, t: Timed) -> None:
+        if not self.ops or t.name in self.inputs:
             return
-        seen = []
-        handle = self.toe.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+        seen: List[Tuple[nn.Module, torch.Tensor]] = []
+        hooks = [op.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0].detach().clone())))
+                 for op in self.ops]
         try:
-            set_stage(self.model, stage)
             with torch.no_grad(), self.autocast():
-                self.model(self.images)
+                t.model(self.images)
         finally:
-            handle.remove()
-        self.inputs[stage] = seen[0].requires_grad_(True)
-        with self.autocast():
-            out, _ = self.toe(self.inputs[stage])
-        self.grads[stage] = torch.ones_like(out)
+            for h in hooks:
+                h.remove()
+        self.inputs[t.name] = seen
 
-    def time(self, stage: int) -> float:
-        x = self.inputs[stage]
-        set_stage(self.model, stage)
+    def time(self, t: Timed) -> Optional[float]:
+        pairs = self.inputs.get(t.name)
+        if not pairs:
+            return None
         _sync(self.device)
         start = time.perf_counter()
-        with self.autocast():
-            out, _ = self.toe(x)
-        torch.autograd.grad(out, x, self.grads[stage])
+        for op, x in pairs:
+            x = x.requires_grad_(True)
+            with self.autocast():
+                out = op(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if out is not x:
+                torch.autograd.grad(out, x, torch.ones_like(out))
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -461,11 +476,12 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
                        amp: str = "none", compile: bool = False, device: str = "auto", input_size: Optional[int] = None,
                        flops: Optional[Dict[str, Any]] = None, inference: bool = True, keep_memory: bool = False,
                        log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
-    """Median training throughput with full tokens and in every reducing ToE stage, plus ideal and measured speed-up.
+    """Median training throughput of the plain model and in every method state that differs from it, plus the
+    ideal and measured speed-up.
 
-    One model, one AdamW optimizer, one random batch with random labels. After ``warmup`` rounds, ``steps`` rounds
-    each run one step of every variant in turn (round-robin), so slow phases of a shared machine hit all variants.
-    A step is forward, cross-entropy, backward and ``optimizer.step()``, between device syncs.
+    One random batch with random labels; each model has its own AdamW optimizer. After ``warmup`` rounds,
+    ``steps`` rounds each run one step of every variant in turn (round-robin), so slow phases of a shared machine
+    hit all variants. A step is forward, cross-entropy, backward and ``optimizer.step()``, between device syncs.
     """
     log = log or (lambda msg: None)
     dev = resolve_device(device)
@@ -476,27 +492,29 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
     if flops is None:
         log("counting FLOPs (fvcore) ...")
         flops = model_flops(cfg, num_classes, size)
-    model = create_model(cfg, num_classes, img_size=size).to(dev)
-    model.train()
-    toe = find_toe(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    methods = MethodSet.from_config(cfg)
+    plain = create_model(cfg, num_classes, MethodSet([]), img_size=size).to(dev).train()
+    patched = create_model(cfg, num_classes, methods, img_size=size).to(dev).train() if len(methods) else None
+    runners = {id(m): (torch.compile(m, dynamic=False) if compile else m) for m in (plain, patched) if m is not None}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
+                  for k, m in ((id(plain), plain), (id(patched), patched)) if m is not None}
     scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
-    run = torch.compile(model, dynamic=False) if compile else model
-    in_chans = input_channels(model)
+    in_chans = input_channels(plain)
     gen = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch_size, in_chans, size, size, generator=gen).to(dev)
     labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
 
-    variants = [Variant("full tokens", 0, flops["full"].patch_tokens, flops["full"].fvcore.total)]
-    for v in flops["stages"]:
-        if v.reducing:
-            variants.append(Variant(v.name, v.stage, v.patch_tokens, v.fvcore.total))
+    full = flops["full"]
+    timed = [Timed("full tokens", plain, None, full.patch_tokens, full.fvcore.total)]
+    timed += [Timed(v.label, patched, v.apply, v.patch_tokens, v.fvcore.total)
+              for v in flops["variants"] if not v.same_as_full]
     mem = _MemMeter(dev)
-    op_timer = _OpTimer(model, images, autocast, dev)
+    op_timer = _OpTimer(methods.op_modules(patched) if patched is not None else [], images, autocast, dev)
 
-    def step() -> None:
+    def step(t: Timed) -> None:
+        opt = optimizers[id(t.model)]
         with autocast():
-            loss = training_loss(run(images), labels)
+            loss = training_loss(runners[id(t.model)](images), labels)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -508,71 +526,73 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
 
     load_start = _load_average()
     for r in range(warmup + steps):
-        timed = r >= warmup
+        is_timed = r >= warmup
         round_s = []
-        for v in variants:
-            set_stage(model, v.stage)
+        for t in timed:
+            if t.apply is not None:
+                t.apply(t.model)
+                t.model.train()
             _sync(dev)
             mem.reset()
             start = time.perf_counter()
-            step()
+            step(t)
             _sync(dev)
             elapsed = time.perf_counter() - start
-            round_s.append(f"{v.name} {elapsed:.3f}s")
-            if timed:
-                v.step_s.append(elapsed)
+            round_s.append(f"{t.name} {elapsed:.3f}s")
+            if is_timed:
+                t.step_s.append(elapsed)
                 peak = mem.peak_mb()
                 if peak is not None:
-                    v.peak_mb.append(peak)
-            if v.activations_mb is None:
-                v.activations_mb = saved_activations_mb(model, images, labels, autocast)
-            if v.stage and toe is not None:
-                op_timer.capture(v.stage)
-                t = op_timer.time(v.stage)
-                if timed:
-                    v.toe_op_s.append(t)
-        log(f"{'timed' if timed else 'warm-up'} round {r + 1 - (warmup if timed else 0)}/{steps if timed else warmup}: "
-            + ", ".join(round_s))
-    set_stage(model, 0)
+                    t.peak_mb.append(peak)
+            if t.activations_mb is None:
+                t.activations_mb = saved_activations_mb(t.model, images, labels, autocast)
+            if t.apply is not None:
+                op_timer.capture(t)
+                op = op_timer.time(t)
+                if is_timed and op is not None:
+                    t.op_s.append(op)
+        log(f"{'timed' if is_timed else 'warm-up'} round {r + 1 - (warmup if is_timed else 0)}/"
+            f"{steps if is_timed else warmup}: " + ", ".join(round_s))
 
-    full_step = _median(variants[0].step_s)
+    full_step = _median(timed[0].step_s)
     rows = []
-    for v in variants:
-        step_s = _median(v.step_s)
-        ideal = variants[0].forward_flops / v.forward_flops
+    for t in timed:
+        step_s = _median(t.step_s)
+        ideal = timed[0].forward_flops / t.forward_flops
         measured = full_step / step_s
-        op = _median(v.toe_op_s)
+        op = _median(t.op_s)
         rows.append({
-            "name": v.name, "stage": v.stage, "patch_tokens": v.patch_tokens, "forward_gflops": v.forward_flops / 1e9,
-            "step_s_median": step_s, "step_s": v.step_s, "images_per_s": batch_size / step_s,
-            "peak_mem_mb": max(v.peak_mb) if v.peak_mb else None, "activations_mb": v.activations_mb,
+            "name": t.name, "patch_tokens": t.patch_tokens, "forward_gflops": t.forward_flops / 1e9,
+            "step_s_median": step_s, "step_s": t.step_s, "images_per_s": batch_size / step_s,
+            "peak_mem_mb": max(t.peak_mb) if t.peak_mb else None, "activations_mb": t.activations_mb,
             "speedup": measured, "ideal_speedup": ideal, "efficiency": measured / ideal,
-            "toe_op_ms": op * 1e3 if op is not None else None,
-            "toe_op_share": op / step_s if op is not None else None,
+            "op_ms": op * 1e3 if op is not None else None, "op_share": op / step_s if op is not None else None,
         })
     result = {
-        "model": cfg.model, "input_size": size, "batch_size": batch_size, "num_classes": num_classes,
-        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "model": cfg.model, "methods": methods.names, "input_size": size, "batch_size": batch_size,
+        "num_classes": num_classes, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(), "amp": amp, "compile": compile, "steps": steps, "warmup": warmup,
-        "torch": torch.__version__, "keep_freed_memory": kept_memory, "load_average_start": load_start, "load_average_end": _load_average(),
+        "torch": torch.__version__, "keep_freed_memory": kept_memory, "load_average_start": load_start,
+        "load_average_end": _load_average(),
         "peak_mem_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "n/a on CPU",
-        "process_peak_rss_mb": process_peak_rss_mb(),
-        "variants": rows,
+        "process_peak_rss_mb": process_peak_rss_mb(), "variants": rows,
     }
-    if inference:
-        result["inference"] = benchmark_inference(model, images, steps=steps, warmup=warmup, autocast=autocast,
+    if inference:       # a fresh model: the states applied above force operators on in eval mode
+        fresh = create_model(cfg, num_classes, MethodSet.from_config(cfg), img_size=size).to(dev)
+        result["inference"] = benchmark_inference(fresh, images, steps=steps, warmup=warmup, autocast=autocast,
                                                   compile=compile)
     return result
 
 
 def benchmark_inference(model: nn.Module, images: torch.Tensor, steps: int = 5, warmup: int = 2, autocast=None,
                         compile: bool = False) -> Dict[str, Any]:
-    """Evaluation-mode throughput. ToE is inactive in eval (unless ``sparse_eval``), so this is the plain DeiT that
-    the training produced; the model's train/eval mode is restored afterwards."""
+    """Evaluation-mode throughput of the trained architecture with the methods' evaluation behaviour (ToE and PSS
+    evaluate on all tokens; a method that prunes in evaluation does so here too); ``reduced_tokens`` says which.
+    The model's train/eval mode is restored afterwards."""
     autocast = autocast or contextlib.nullcontext
     dev = images.device
     was_training = model.training
-    toe = find_toe(model)
     run = torch.compile(model, dynamic=False) if compile else model
     mem = _MemMeter(dev)
     times, peaks = [], []
@@ -591,14 +611,14 @@ def benchmark_inference(model: nn.Module, images: torch.Tensor, steps: int = 5, 
                     peak = mem.peak_mb()
                     if peak is not None:
                         peaks.append(peak)
-        toe_active = bool(toe is not None and toe.active)
-        kept = toe.kept_index if toe is not None else None
+        positions = find_positions(model)
+        reduced = bool(positions is not None and positions.reduced)
     finally:
         model.train(was_training)
     step_s = _median(times)
     return {"images_per_s": images.shape[0] / step_s, "step_s_median": step_s, "step_s": times,
-            "peak_mem_mb": max(peaks) if peaks else None, "toe_active": toe_active,
-            "full_tokens": kept is None, "logits_shape": list(out.shape)}
+            "peak_mem_mb": max(peaks) if peaks else None, "reduced_tokens": reduced,
+            "logits_shape": list(out.shape)}
 
 
 def _cpu_name() -> str:
@@ -616,32 +636,36 @@ def _cpu_name() -> str:
 def format_flops_report(report: Dict[str, Any], images: int) -> str:
     """The console table of ``scripts/flops.py``."""
     g = 1e9
+    methods = "+".join(report["methods"]) or "none"
     lines = [f"{report['model']} at {report['input_size']} px, {report['num_classes']} classes: "
-             f"{report['params'] / 1e6:.2f} M parameters, {report['num_patches']} patch tokens",
-             "forward GFLOPs per image (fvcore; 1 multiply-add = 1 FLOP); 'ToE op' = the operator's token scores",
-             f"{'variant':<12} {'epochs':>9} {'patches':>7} {'fvcore':>9} {'of which':>9} {'analytic':>9} {'diff':>7}",
-             f"{'':<12} {'':>9} {'':>7} {'total':>9} {'ToE op':>9} {'':>9} {'':>7}"]
-    for v in [report["full"]] + list(report["stages"]):
+             f"{report['params'] / 1e6:.2f} M parameters, {report['num_patches']} patch tokens; methods: {methods}",
+             "forward GFLOPs per image (fvcore; 1 multiply-add = 1 FLOP); 'op' = the methods' own operators",
+             f"{'variant':<28} {'share':>6} {'epochs':>9} {'patches':>7} {'fvcore':>9} {'of which':>9} "
+             f"{'analytic':>9} {'diff':>7}",
+             f"{'':<28} {'':>6} {'':>9} {'':>7} {'total':>9} {'op':>9} {'':>9} {'':>7}"]
+    for v in [report["full"]] + list(report["variants"]):
         epochs = f"{v.epochs[0]}-{v.epochs[1] - 1}" if v.epochs else "-"
         ana = v.analytic.get("total")
         diff = f"{(v.fvcore.total / ana - 1) * 100:+.2f}%" if ana else "-"
         ana_text = f"{ana / g:>9.3f}" if ana else f"{'-':>9}"
-        tokens = f"{v.patch_tokens}" + ("" if v.reducing or v.stage is None else "*")
-        lines.append(f"{v.name:<12} {epochs:>9} {tokens:>7} {v.fvcore.total / g:>9.3f} {v.fvcore.toe_op / g:>9.4f} "
-                     f"{ana_text} {diff:>7}")
-    if any(not v.reducing for v in report["stages"]):
-        lines.append("* ToE inactive in this stage: the plain model runs")
-    if report["stages"]:
-        fv = schedule_training_flops(report, images, "total")
+        share = "-" if v is report["full"] else f"{v.share * 100:.1f}%"
+        tokens = f"{v.patch_tokens}" + ("*" if v.same_as_full else "")
+        lines.append(f"{v.label[:28]:<28} {share:>6} {epochs:>9} {tokens:>7} {v.fvcore.total / g:>9.3f} "
+                     f"{v.fvcore.method_op / g:>9.4f} {ana_text} {diff:>7}")
+    if any(v.same_as_full for v in report["variants"]):
+        lines.append("* the method changes nothing in this state: the plain model runs")
+    fv = schedule_training_flops(report, images, "total")
+    if report["variants"]:
         an = schedule_training_flops(report, images, "analytic")
         versus = (f", analytic {an['average_forward'] / g:.3f} "
                   f"({(fv['average_forward'] / an['average_forward'] - 1) * 100:+.2f}%)") if an["total"] else ""
         lines += ["", f"schedule average forward: fvcore {fv['average_forward'] / g:.3f} GFLOPs{versus}"]
-    fv = schedule_training_flops(report, images, "total")
-    lines += [f"training FLOPs = forward x {fv['factor']} (fwd+bwd) x {images:,} images x epochs, summed over stages:",
-              f"  this run {si_flops(fv['total'])} over {fv['epochs']} epochs; full tokens {si_flops(fv['full_total'])}; "
+    fraction = f" x {fv['data_fraction']:.3f} of the data" if fv["data_fraction"] != 1.0 else ""
+    lines += [f"training FLOPs = forward x {fv['factor']} (fwd+bwd) x {images:,} images{fraction} x epochs, "
+              f"weighted by each state's share:",
+              f"  this run {si_flops(fv['total'])} over {fv['epochs']} epochs; plain recipe {si_flops(fv['full_total'])}; "
               f"ratio {fv['ratio']:.3f} -> ideal speed-up {fv['ideal_speedup']:.3f}x"]
-    not_counted = sorted({op for v in [report["full"]] + list(report["stages"]) for op in v.fvcore.not_counted})
+    not_counted = sorted({op for v in [report["full"]] + list(report["variants"]) for op in v.fvcore.not_counted})
     if not_counted:
         lines.append("not counted (no FLOPs handle; memory/elementwise): " + ", ".join(not_counted))
     return "\n".join(lines)
@@ -656,9 +680,9 @@ def si_flops(x: float) -> str:
 
 
 def flops_report_json(report: Dict[str, Any], images: int) -> Dict[str, Any]:
-    out = {k: v for k, v in report.items() if k not in ("full", "stages")}
+    out = {k: v for k, v in report.items() if k not in ("full", "variants")}
     out["full"] = report["full"].row()
-    out["stages"] = [v.row() for v in report["stages"]]
+    out["variants"] = [v.row() for v in report["variants"]]
     out["training"] = schedule_training_flops(report, images, "total")
     out["training_analytic"] = schedule_training_flops(report, images, "analytic")
     return out
@@ -668,26 +692,28 @@ def format_benchmark(result: Dict[str, Any]) -> str:
     """The console table of ``scripts/benchmark.py``."""
     def fmt(x, spec, none="n/a"):
         return none if x is None else format(x, spec)
-    head = (f"{result['model']} at {result['input_size']} px, batch {result['batch_size']}, {result['device']} "
-            f"({result['device_name']}, {result['threads']} threads), amp {result['amp']}, compile {result['compile']}; "
-            f"median of {result['steps']} steps after {result['warmup']} warm-up, variants interleaved")
+    head = (f"{result['model']} ({'+'.join(result['methods']) or 'no method'}) at {result['input_size']} px, "
+            f"batch {result['batch_size']}, {result['device']} ({result['device_name']}, {result['threads']} threads), "
+            f"amp {result['amp']}, compile {result['compile']}; median of {result['steps']} steps after "
+            f"{result['warmup']} warm-up, variants interleaved")
     lines = [head,
-             f"{'variant':<12} {'patches':>7} {'GFLOPs':>7} {'step s':>7} {'img/s':>7} {'peak MB':>8} {'act. MB':>8} "
-             f"{'speed-up':>8} {'ideal':>6} {'effic.':>6} {'ToE op ms':>9} {'ToE %':>6}"]
+             f"{'variant':<28} {'patches':>7} {'GFLOPs':>7} {'step s':>7} {'img/s':>7} {'peak MB':>8} {'act. MB':>8} "
+             f"{'speed-up':>8} {'ideal':>6} {'effic.':>6} {'op ms':>7} {'op %':>6}"]
     for v in result["variants"]:
-        lines.append(f"{v['name']:<12} {v['patch_tokens']:>7} {v['forward_gflops']:>7.3f} {v['step_s_median']:>7.3f} "
+        lines.append(f"{v['name'][:28]:<28} {v['patch_tokens']:>7} {v['forward_gflops']:>7.3f} {v['step_s_median']:>7.3f} "
                      f"{v['images_per_s']:>7.1f} {fmt(v['peak_mem_mb'], '8.0f'):>8} {fmt(v['activations_mb'], '8.0f'):>8} "
                      f"{v['speedup']:>7.3f}x "
-                     f"{v['ideal_speedup']:>5.3f}x {v['efficiency'] * 100:>5.1f}% {fmt(v['toe_op_ms'], '9.1f', '-'):>9} "
-                     f"{fmt(v['toe_op_share'] and v['toe_op_share'] * 100, '6.2f', '-'):>6}")
+                     f"{v['ideal_speedup']:>5.3f}x {v['efficiency'] * 100:>5.1f}% {fmt(v['op_ms'], '7.1f', '-'):>7} "
+                     f"{fmt(v['op_share'] and v['op_share'] * 100, '6.2f', '-'):>6}")
     lines.append(f"peak MB: {result['peak_mem_kind']}; act. MB: tensors saved for backward; "
-                 f"ideal = full-token FLOPs / stage FLOPs; efficiency = speed-up / ideal")
-    lines.append("ToE op = the operator's forward+backward timed alone on that stage's real input (eager), % of the step"
-                 + ("; glibc told to keep freed memory (--keep-freed-memory)" if result.get("keep_freed_memory") else ""))
+                 f"ideal = plain-model FLOPs / variant FLOPs; efficiency = speed-up / ideal")
+    lines.append("op = the methods' operators' forward+backward timed alone on that state's real input (eager), "
+                 "% of the step" + ("; glibc told to keep freed memory (--keep-freed-memory)"
+                                    if result.get("keep_freed_memory") else ""))
     inf = result.get("inference")
     if inf:
-        lines.append(f"inference (eval mode, ToE {'ACTIVE' if inf['toe_active'] else 'off'}: "
-                     f"{'full tokens, the plain model' if inf['full_tokens'] else 'REDUCED tokens'}): "
+        lines.append(f"inference (eval mode, the methods' evaluation behaviour: "
+                     f"{'REDUCED tokens' if inf['reduced_tokens'] else 'all tokens'}): "
                      f"{inf['images_per_s']:.1f} img/s, {inf['step_s_median']:.3f} s/batch"
                      + (f", peak {inf['peak_mem_mb']:.0f} MB" if inf["peak_mem_mb"] is not None else ""))
     rss = result.get("process_peak_rss_mb")

@@ -188,6 +188,10 @@ class Method:
         """The method's own operator modules inside ``model`` (their FLOPs and time are reported separately)."""
         return []
 
+    def data_fraction(self) -> float:
+        """The fraction of the training set one epoch presents (an example-level method trains on a subset)."""
+        return 1.0
+
     def inference_knob(self) -> Optional[InferenceKnob]:
         return None
 
@@ -345,6 +349,9 @@ class MethodSet:
 
     def op_modules(self, model: nn.Module) -> List[nn.Module]:
         return [op for m in self.methods for op in m.op_modules(model)]
+
+    def data_fraction(self) -> float:
+        return _product(m.data_fraction() for m in self.methods)
 
     def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
         """Every combination of the methods' states, with the product of their shares (the methods' schedules are

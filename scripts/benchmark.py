@@ -1,4 +1,5 @@
-"""Training throughput with full tokens and in every ToE stage, against the FLOPs-ideal speed-up; inference too.
+"""Training throughput of the plain model and in every state of the config's methods, against the FLOPs-ideal
+speed-up; inference too.
 
     python scripts/benchmark.py --config configs/deit_s_toe.yaml                      # batch 32, fp32
     python scripts/benchmark.py --config configs/deit_s_toe.yaml --amp bf16 --compile --batch 128 --json bench.json

@@ -1,4 +1,4 @@
-"""Forward FLOPs per image (full tokens and every ToE stage) and total training FLOPs of a config's run.
+"""Forward FLOPs per image (the plain model and every state of the config's methods) and total training FLOPs.
 
     python scripts/flops.py --config configs/deit_s_toe.yaml
     python scripts/flops.py --config configs/deit_s.yaml --input_size 384 --json flops.json
@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--images-per-epoch", type=int, default=None,
                         help="training images per epoch (default: the dataset's, e.g. 1,281,167 for imagenet)")
     parser.add_argument("--num-classes", type=int, default=None, help="head size (default: nb_classes or the dataset's)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes of the run (sets iterations per epoch, the period of per-iteration schedules)")
     parser.add_argument("--json", default=None, help="also write the full report to this JSON file")
     args, overrides = parser.parse_known_args(argv)
     try:
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = model_flops(cfg, num_classes_of(cfg, args.num_classes))
+    report = model_flops(cfg, num_classes_of(cfg, args.num_classes), images=images, world_size=args.nproc)
     print(format_flops_report(report, images))
     if args.json:
         with open(args.json, "w") as f:
