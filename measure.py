@@ -215,6 +215,7 @@ class VariantFlops:
     fvcore: FlopCount
     analytic: Dict[str, float]
     apply: Optional[Callable[[nn.Module], None]] = field(default=None, repr=False, compare=False)
+    variant: Optional[Any] = field(default=None, repr=False, compare=False)     # the methods.Variant counted
     # runs as the plain model: same tokens in every block, same FLOPs, no operator (e.g. ToE's final keep rate 1.0)
     same_as_full: bool = False
 
@@ -267,6 +268,7 @@ def model_flops(cfg, num_classes: int, input_size: Optional[int] = None, images:
         for v in methods.variants(num_patches, cfg.epochs, iters):
             v.apply(model)
             vf = measured(v.label, model, v.share, v.epochs, ops, v.apply)
+            vf.variant = v
             vf.same_as_full = (vf.fvcore.method_op == 0 and vf.fvcore.total == full.fvcore.total
                                and vf.fvcore.block_tokens == full.fvcore.block_tokens)
             variants.append(vf)
@@ -302,6 +304,21 @@ def schedule_training_flops(report: Dict[str, Any], images: int, which: str = "t
         return getattr(v.fvcore, which)
     parts = [(v.share, fwd(v)) for v in report["variants"]] or [(1.0, fwd(report["full"]))]
     return training_flops(parts, fwd(report["full"]), images, report["epochs"], report.get("data_fraction", 1.0))
+
+
+def epoch_flops(report: Dict[str, Any], images: int, cumulative: bool = False,
+                factor: int = FWD_BWD_FACTOR) -> List[float]:
+    """Training FLOPs of every epoch of the run (or the running total), from each state's share in that epoch."""
+    seen = images * report.get("data_fraction", 1.0) * factor
+    out, total = [], 0.0
+    for e in range(report["epochs"]):
+        if report["variants"]:
+            fwd = sum(v.variant.share_in_epoch(e) * v.fvcore.total for v in report["variants"])
+        else:
+            fwd = report["full"].fvcore.total
+        total += fwd * seen
+        out.append(total if cumulative else fwd * seen)
+    return out
 
 
 # ================================================================================================ benchmark

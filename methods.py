@@ -72,6 +72,15 @@ class Variant:
     apply: Callable[[nn.Module], None]
     patch_tokens: Optional[int] = None
     epochs: Optional[Tuple[int, int]] = None      # [first, last) when the state is a span of epochs
+    # per epoch, the fraction of that epoch's iterations in this state (default: from `epochs`, else `share`)
+    epoch_shares: Optional[Sequence[float]] = None
+
+    def share_in_epoch(self, epoch: int) -> float:
+        if self.epoch_shares is not None:
+            return float(self.epoch_shares[epoch])
+        if self.epochs is not None:
+            return 1.0 if self.epochs[0] <= epoch < self.epochs[1] else 0.0
+        return self.share
 
 
 @dataclass
@@ -354,8 +363,8 @@ class MethodSet:
         return _product(m.data_fraction() for m in self.methods)
 
     def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
-        """Every combination of the methods' states, with the product of their shares (the methods' schedules are
-        independent of each other). With no method: one state, the plain model."""
+        """Every combination of the methods' states, with the product of their shares, epoch by epoch (the methods'
+        schedules are independent of each other). With no method: one state, the plain model."""
         per_method = [m.variants(num_patches, epochs, iters_per_epoch) for m in self.methods]
         if not per_method:
             return [Variant("full tokens", 1.0, lambda model: None, num_patches)]
@@ -366,8 +375,10 @@ class MethodSet:
                     v.apply(model)
             spans = [v.epochs for v in combo if v.epochs is not None]
             tokens = [v.patch_tokens for v in combo if v.patch_tokens is not None]
-            out.append(Variant(" + ".join(v.label for v in combo), _product(v.share for v in combo), apply,
-                               min(tokens) if tokens else None, spans[0] if len(spans) == 1 else None))
+            per_epoch = [_product(v.share_in_epoch(e) for v in combo) for e in range(epochs)]
+            share = sum(per_epoch) / epochs if len(combo) > 1 else combo[0].share
+            out.append(Variant(" + ".join(v.label for v in combo), share, apply, min(tokens) if tokens else None,
+                               spans[0] if len(spans) == 1 else None, per_epoch if len(combo) > 1 else combo[0].epoch_shares))
         return out
 
     def inference_knobs(self) -> List[InferenceKnob]:
