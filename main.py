@@ -177,7 +177,7 @@ def run(cfg: Config, dist: DistInfo) -> dict:
              f"world {dist.world_size} x batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | lr {lr:.3e} | "
              f"amp {amp_dtype or 'off'} | methods: {methods.describe()}")
     scheduler.step(start_epoch)
-    iters_per_epoch = len(train_loader)            # fixed at start: the period of per-iteration schedules
+    iters_per_epoch = None         # the period of per-iteration schedules: this process's first epoch's length
     eval_variants = methods.eval_variants()
     wall_start = time.perf_counter()
     train_seconds, images_seen, history = 0.0, 0, []
@@ -185,9 +185,10 @@ def run(cfg: Config, dist: DistInfo) -> dict:
         # reseed per epoch so a resumed run draws the same augmentations as an uninterrupted one
         seed_all(cfg.seed + dist.rank + 1_000_003 * (epoch + 1))
         train_loader.sampler.set_epoch(epoch)
-        methods.on_epoch(Clock(epoch, 0, global_step, iters_per_epoch, cfg.epochs))
         subset = methods.train_indices(epoch, len(train_loader.dataset))
         train_loader.sampler.set_indices(subset)
+        iters_per_epoch = iters_per_epoch or len(train_loader)
+        methods.on_epoch(Clock(epoch, 0, global_step, iters_per_epoch, cfg.epochs))
         train_stats = train_one_epoch(
             train_model, criterion, train_loader, optimizer, device, epoch, cfg.epochs, log,
             amp_dtype=amp_dtype, scaler=scaler, model_ema=model_ema, mixup_fn=mixup_fn, clip_grad=cfg.clip_grad,
