@@ -252,15 +252,15 @@ def _build_config(data: Dict[str, Any]) -> Config:
             raise ConfigError("unknown config key 'sections'; write each method section at the top level (e.g. toe:)")
         else:
             own[key] = value
-    try:
-        cfg = _build(Config, own)
-    except ConfigError as e:
-        if str(e).startswith("unknown config key") and "did you mean" not in str(e):
-            key = str(e).split("'")[1]
-            close = difflib.get_close_matches(key, list(methods), n=1, cutoff=0.5)
-            if close:
-                raise ConfigError(f"unknown config key '{key}'; did you mean the method section '{close[0]}'?") from None
-        raise
+    own_keys = [f.name for f in dataclasses.fields(Config) if f.name != "sections"]
+    for key in own:
+        if key not in own_keys:
+            close = difflib.get_close_matches(key, own_keys + list(methods), n=1, cutoff=0.5)
+            hint = ("; valid keys are listed in README.md" if not close else
+                    f"; did you mean the method section '{close[0]}'?" if close[0] in methods else
+                    f"; did you mean '{close[0]}'?")
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+    cfg = _build(Config, own)
     cfg.sections = sections
     return cfg
 
@@ -389,9 +389,9 @@ def validate(cfg: Config) -> Config:
                               f"(e.g. --{name} '{{}}' for its defaults) or drop it from methods")
     if cfg.methods is not None and len(set(cfg.methods)) != len(cfg.methods):
         raise ConfigError(f"methods: {cfg.methods} names a method twice")
-    try:
-        for name, section in cfg.sections.items():
-            method_class(name).validate(section, cfg)
+    try:       # inactive sections are data (types and choices checked when built); their run checks wait
+        for name in cfg.active_methods():
+            method_class(name).validate(cfg.sections[name], cfg)
         from methods import MethodSet
         MethodSet.from_config(cfg)           # combinations (e.g. two token reducers at conflicting places)
     except MethodError as e:

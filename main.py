@@ -222,12 +222,13 @@ def run(cfg: Config, dist: DistInfo) -> dict:
                  + "".join(f" | {suffix} top-1 {stats['acc1']:.2f}" for suffix, stats in val_extra.items())
                  + f" | {train_stats['images_per_s']:.0f} img/s | {format_seconds(train_stats['epoch_seconds'])}"
                  + (f" | {methods.epoch_text()}" if methods.epoch_text() else ""))
+        methods_state = methods.state_dict()       # on every rank: a method may gather its per-rank state here
         if dist.is_main:
             state = {"model": model_without_ddp.state_dict(),
                      "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
                      "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None,
-                     "epoch": epoch, "global_step": global_step, "methods": methods.state_dict(),
+                     "epoch": epoch, "global_step": global_step, "methods": methods_state,
                      "best": best, "config": cfg.to_dict(), "version": ckpt_io.VERSION}
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 ckpt_io.save_checkpoint(state, os.path.join(out, "checkpoint.pth"))

@@ -178,7 +178,10 @@ class Method:
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """State that must survive a checkpoint (plain data and tensors only: loaded with ``weights_only``)."""
+        """State that must survive a checkpoint (plain data and tensors only: loaded with ``weights_only``).
+
+        Called on every process before rank 0 writes, so a method may gather per-process state here (collectives
+        are allowed); only rank 0's return value is written. ``load_state_dict`` runs on every process."""
         return {}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
