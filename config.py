@@ -79,6 +79,7 @@ class Config:
     opt_betas: Optional[List[float]] = None
     momentum: float = 0.9
     weight_decay: float = 0.05
+    layer_decay: Optional[float] = None        # layer-wise lr decay (BEiT/SimMIM fine-tuning), by timm's optimizer factory
     clip_grad: Optional[float] = None
     lr: float = 5e-4                           # for a global batch of lr_base_batch
     lr_base_batch: int = 512
@@ -156,7 +157,7 @@ CHOICES = {
     "distillation_type": ("none", "soft", "hard"),
     "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
 }
-NON_NEGATIVE = ("seed", "num_workers", "drop", "drop_path", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
+NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "drop", "drop_path", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
                 "smoothing", "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "distillation_alpha",
                 "model_ema_decay", "clip_grad", "color_jitter", "hflip")
 POSITIVE = ("epochs", "batch_size", "grad_accum_steps", "input_size", "lr_base_batch", "print_freq", "save_every",

@@ -134,7 +134,8 @@ def run(cfg: Config, dist: DistInfo) -> dict:
     opt_kwargs = {"momentum": cfg.momentum} if cfg.opt == "sgd" else {"eps": cfg.opt_eps}
     if cfg.opt_betas is not None:
         opt_kwargs["betas"] = tuple(cfg.opt_betas)
-    optimizer = create_optimizer_v2(model_without_ddp, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
+    optimizer = create_optimizer_v2(model_without_ddp, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                                    layer_decay=cfg.layer_decay, **opt_kwargs)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
                                        decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
                                        warmup_epochs=cfg.warmup_epochs, cooldown_epochs=0)
