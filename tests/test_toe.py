@@ -1,22 +1,18 @@
 """ToE against the authors' reference outputs, and its wiring into live timm models."""
 import copy
-import os
 
 import pytest
 import timm
 import torch
 
+from tests.reference import load_reference
 from toe import ToESchedule, apply_toe, find_toe, remove_toe, set_epoch, set_sparse_eval, token_expansion
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "toe_reference.pt")
 DEIT_S = ToESchedule((0, 100, 200), (0.5, 0.75, 1.0), 0.25, 2)
 
 
 def reference_cases():
-    path = os.environ.get("TOE_REFERENCE", FIXTURE)
-    if not os.path.isfile(path):
-        pytest.skip(f"reference fixture not found at {path} (set TOE_REFERENCE)")
-    return torch.load(path, weights_only=True)
+    return load_reference("toe_reference.pt", "TOE_REFERENCE")
 
 
 def tiny_vit(name="vit_tiny_patch16_224", **kw):
@@ -34,8 +30,9 @@ def capture_block_inputs(model, index):
 
 def test_reproduces_reference_fixture():
     cases = reference_cases()
-    assert len(cases) == 19
+    assert cases, "the fixture holds no case"
     for c in cases:
+        assert "kind" not in c, f"a ToE fixture case of unknown kind {c['kind']!r}"       # ToE cases are one kind
         s = ToESchedule(c["expansion_steps"], c["keep_rates"], c["init_keep_rate"], c["repeat_k"], c["distance"])
         out, index = token_expansion(c["x"], s, s.stage(c["epoch"]), c["num_prefix_tokens"])
         what = f"{c['recipe']}/{c['distance']}/epoch {c['epoch']}"

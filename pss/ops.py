@@ -1,0 +1,213 @@
+"""The patch sampling operator of PSS and its patch into a live timm ViT.
+
+The published model samples right before block 0, on the tokens after the class token was prepended and the
+absolute position embedding added; every block then runs on the subset. Here that is a forward pre-hook of
+``model.blocks[0]`` (what timm's ``checkpoint_seq`` / ``checkpoint`` still call under grad checkpointing), so any
+timm-style ViT works unchanged: timm ``VisionTransformer``, timm ``Beit``, LV-ViT and the PSS models of
+:mod:`pss.models`. The kept positions are recorded in the model's :class:`~models.tokens.TokenPositions`, which is
+how a relative-position-bias attention (:mod:`pss.models`) looks up the bias of the pairs it really sees.
+
+Compared with the published gather (a ``[B * k]`` pair of advanced indices), the gather here is one ``index_select``
+of whole rows on the flattened ``[B * T, C]`` view: its backward is an ``index_add`` of rows, every size is a Python
+int (no host-device sync, no data-dependent shape), and nothing is reordered when nothing is dropped.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from models.tokens import TokenPositions, token_positions
+
+from .schedule import num_kept_patches
+
+SAMPLERS = ("magnitude", "random")
+
+
+def patch_scores(patches: torch.Tensor) -> torch.Tensor:
+    """L1 norm of every patch token ``[B, N, C] -> [B, N]``, the published ranking (``x.abs().sum(-1)``).
+
+    Half-precision tokens are ranked in float32: a bf16 sum would tie many patches that the reference (run in
+    float32 before its autocast region matters) tells apart. The reference also divides by the per-image sum,
+    which cannot change the order and is left out.
+    """
+    if patches.dtype in (torch.float16, torch.bfloat16):
+        patches = patches.float()
+    return patches.abs().sum(-1)
+
+
+def select_patches(x: torch.Tensor, num_keep: int, sampler: str, num_prefix_tokens: int = 1,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``[B, num_keep]`` positions among the patch tokens (0-based, prefix not counted) in the order they are kept.
+
+    ``magnitude``: the largest L1 norms first, in descending order (as the reference's descending argsort).
+    ``random``: an independent uniform subset per image, in increasing order of uniform noise, i.e. a uniformly
+    random order (the reference takes the first k of an argsort of ``torch.rand``; ``topk`` of the same noise keeps
+    the same set in the same order without sorting all N).
+    """
+    batch, num_patches = x.shape[0], int(x.shape[1]) - num_prefix_tokens
+    with torch.no_grad():
+        if sampler == "magnitude":
+            scores = patch_scores(x[:, num_prefix_tokens:])
+            return scores.topk(num_keep, dim=1, largest=True, sorted=True).indices
+        if sampler == "random":
+            noise = torch.rand(batch, num_patches, device=x.device, generator=generator)
+            return noise.topk(num_keep, dim=1, largest=False, sorted=True).indices
+    raise ValueError(f"pss.sampler '{sampler}' is not one of {', '.join(SAMPLERS)}")
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (``[B, T]`` positions in ``x``) of every image of ``x`` ``[B, L, C]``: ``[B, T, C]``.
+
+    One ``index_select`` of whole rows on the flattened view: cheaper forward and backward than ``gather`` with an
+    index expanded over the channels.
+    """
+    batch, length, dim = x.shape
+    flat = index + (torch.arange(batch, device=x.device) * length).unsqueeze(1)
+    return x.reshape(batch * length, dim).index_select(0, flat.reshape(-1)).view(batch, index.shape[1], dim)
+
+
+def sample_patches(x: torch.Tensor, num_keep: int, sampler: str, num_prefix_tokens: int = 1,
+                   generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Keep the ``P`` prefix tokens and ``num_keep`` patches of ``x`` ``[B, P + N, C]``: ``(out, index)``.
+
+    ``out`` is ``[B, P + num_keep, C]``: the prefix tokens (CLS, distillation, registers) first, untouched and in
+    order, then the kept patches in the sampler's order (see :func:`select_patches`). ``index`` ``[B, P + num_keep]``
+    long holds the position in ``x`` of every row of ``out`` (prefix positions ``0..P-1`` first). With
+    ``num_keep == N`` nothing is sampled and ``(x, None)`` comes back, as the reference does at d = 0.
+    """
+    num_patches = int(x.shape[1]) - num_prefix_tokens     # int(): a traced size (fvcore, jit.trace) is a tensor
+    if not 0 <= num_keep <= num_patches:
+        raise ValueError(f"cannot keep {num_keep} of {num_patches} patches")
+    if num_keep == num_patches:
+        return x, None
+    kept = select_patches(x, num_keep, sampler, num_prefix_tokens, generator)
+    prefix = torch.arange(num_prefix_tokens, device=x.device, dtype=kept.dtype).expand(x.shape[0], -1)
+    index = torch.cat([prefix, kept + num_prefix_tokens], dim=1)
+    return gather_tokens(x, index), index
+
+
+class PatchSampler(nn.Module):
+    """The PSS patch sampling step, with the drop ratio in effect (set from outside every iteration).
+
+    Active while training (or always, with ``force``, for measurement) and only at a drop ratio above 0; otherwise a
+    no-op that passes every token through. Parameter-free and buffer-free, so the model's ``state_dict`` is
+    unchanged. The kept index of the last call is recorded at ``site`` (0.0: the input of block 0) in
+    ``positions`` (a plain attribute, not a sub-module) and also kept in ``self.kept_index``.
+
+    ``random`` draws from torch's default generator unless ``generator`` is set. Keep it ``None`` in training:
+    grad checkpointing's recompute restores only the default generators' state, so it redraws the same patches
+    from them, but a private generator would silently hand the recomputed blocks other patches.
+    """
+
+    def __init__(self, sampler: str = "magnitude", num_prefix_tokens: int = 1,
+                 positions: Optional[TokenPositions] = None, site: float = 0.0):
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"pss.sampler '{sampler}' is not one of {', '.join(SAMPLERS)}")
+        self.sampler = sampler
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.positions = positions
+        self.site = float(site)
+        self.drop_ratio = 0.0
+        self.force = False
+        self.generator: Optional[torch.Generator] = None
+        self.kept_index: Optional[torch.Tensor] = None
+
+    def set_drop_ratio(self, drop_ratio: float) -> None:
+        if not 0.0 <= drop_ratio < 1.0:
+            raise ValueError(f"PSS drop ratio {drop_ratio} must lie in [0, 1)")
+        self.drop_ratio = float(drop_ratio)
+
+    @property
+    def active(self) -> bool:
+        return (self.training or self.force) and self.drop_ratio > 0.0
+
+    def num_keep(self, num_patches: int) -> int:
+        """Patches that leave the sampler for ``num_patches`` input patches, in the current mode."""
+        if not self.active:
+            return num_patches
+        keep = num_kept_patches(num_patches, self.drop_ratio)
+        if keep < 1:
+            raise ValueError(f"PSS drop ratio {self.drop_ratio} keeps {keep} of {num_patches} patches")
+        return keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_patches = int(x.shape[1]) - self.num_prefix_tokens
+        out, index = sample_patches(x, self.num_keep(num_patches), self.sampler, self.num_prefix_tokens,
+                                    self.generator)
+        self.kept_index = index
+        if self.positions is not None:
+            self.positions.record(self.site, index)
+        return out
+
+    def _pre_hook(self, block: nn.Module, args, kwargs):
+        x = args[0]
+        out = self(x)
+        if out is x:
+            return None
+        if kwargs.get("attn_mask") is not None:
+            raise RuntimeError("PSS changes the token count and cannot be combined with an attention mask")
+        if kwargs.get("shared_rel_pos_bias") is not None:
+            raise RuntimeError("PSS cannot sample patches with BEiT's shared relative position bias")
+        return (out, *args[1:]), kwargs
+
+    def extra_repr(self) -> str:
+        return (f"sampler={self.sampler}, drop_ratio={self.drop_ratio}, prefix={self.num_prefix_tokens}, "
+                f"site={self.site}, force={self.force}")
+
+
+def iter_samplers(model: nn.Module) -> Iterator[PatchSampler]:
+    """Every PSS sampler inside ``model`` (also through DDP and model-EMA wrappers)."""
+    return (m for m in model.modules() if isinstance(m, PatchSampler))
+
+
+def find_sampler(model: nn.Module) -> Optional[PatchSampler]:
+    return next(iter_samplers(model), None)
+
+
+def set_drop_ratio(model: nn.Module, drop_ratio: float) -> None:
+    """Set the drop ratio of every sampler in ``model`` (call once per iteration, before the forward)."""
+    for sampler in iter_samplers(model):
+        sampler.set_drop_ratio(drop_ratio)
+
+
+def apply_sampler(model: nn.Module, sampler_name: str = "magnitude") -> PatchSampler:
+    """Patch PSS into ``model``: anything with ``blocks`` and ``num_prefix_tokens`` (timm ViT, timm Beit, ours).
+
+    Attaches a :class:`PatchSampler` as ``model.pss`` and registers it as a forward pre-hook (``with_kwargs``, so
+    Beit's ``shared_rel_pos_bias`` keyword passes through) of ``model.blocks[0]``. Per-block relative position
+    biases (timm Beit attention) are switched to follow the sampled positions (:func:`pss.models.follow_positions`);
+    a model-wide shared bias cannot follow them and is refused.
+    """
+    from .models import follow_positions  # models imports timm's beit; keep ops importable on its own
+
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        raise TypeError(f"{type(model).__name__} has no `blocks` sequence; PSS patches timm-style ViTs")
+    if find_sampler(model) is not None:
+        raise RuntimeError("PSS is already applied to this model")
+    if getattr(model, "rel_pos_bias", None) is not None:
+        raise TypeError(f"{type(model).__name__} uses a shared relative position bias, which cannot follow sampled "
+                        "patches (the published PSS code refuses it too); use per-block biases")
+    follow_positions(model)
+    sampler = PatchSampler(sampler_name, getattr(model, "num_prefix_tokens", 1), token_positions(model), site=0.0)
+    model.pss = sampler
+    blocks[0].register_forward_pre_hook(sampler._pre_hook, with_kwargs=True)
+    return sampler
+
+
+def remove_sampler(model: nn.Module) -> None:
+    """Undo :func:`apply_sampler` (the position-following bias lookup stays: with nothing recorded it is timm's)."""
+    sampler = getattr(model, "pss", None)
+    if not isinstance(sampler, PatchSampler):
+        return
+    block = model.blocks[0]
+    for key, hook in list(block._forward_pre_hooks.items()):
+        if getattr(hook, "__self__", None) is sampler:
+            del block._forward_pre_hooks[key]
+            block._forward_pre_hooks_with_kwargs.pop(key, None)
+    if sampler.positions is not None:
+        sampler.positions.record(sampler.site, None)
+    del model.pss
