@@ -197,3 +197,21 @@ def test_sweep_script_evaluates_every_keep_rate(digits, tmp_path):
         assert os.path.getsize(out / name) > 0
     assert sweep.main(["--config", DEMO, "--checkpoint", str(tmp_path / "run" / "checkpoint.pth"),
                        "--data_path", digits, "--methods", "[toe]"]) == 2     # ToE declares no inference knob
+
+
+def test_bf16_autocast_training_step_samples_like_fp32():
+    """Mixed precision: the sampler ranks magnitudes in float32, so bf16 activations keep the same patches."""
+    from models.tokens import find_positions
+    cfg = load_config(DEMO, TINY)
+    model = create_model(cfg, 10).train()
+    for s in iter_samplers(model):
+        s.set_drop_ratio(0.4)
+    x = torch.randn(4, 3, 16, 16)
+    model(x)
+    fp32_index = find_positions(model).before().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    index = find_positions(model).before()
+    assert out.dtype == torch.bfloat16 and index.shape == (4, 1 + 9)        # round(0.6 * 17) - 1 = 9 patches
+    assert (index[:, 1:].sort(1).values == fp32_index[:, 1:].sort(1).values).float().mean() > 0.9
