@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import itertools
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -103,6 +104,37 @@ class ExampleBatch:
     logits: torch.Tensor
     labels: torch.Tensor
     targets: Any
+
+
+@dataclass
+class PublishedRow:
+    """One published table row, as data; ``None`` is a cell that was not recovered (shown as such, never guessed).
+
+    Rows live in their method's package (``<package>/published.py``, a list ``ROWS``) and are found through the
+    registry (:meth:`Method.published_rows`, :func:`published_rows`). A run matches a row when it names it in its
+    ``reproduces`` key, or by its model (unless the row's model is unknown), its active methods and every
+    ``settings`` value of the row.
+    """
+    paper: str                                   # the paper (or README, or other source) the figures come from
+    table: str                                   # where in it: "Tab. 1", "README", "Fig. 1", "abstract"
+    row: str                                     # the row's label, unique within its paper
+    model: Optional[str]                         # the timm model this repository trains for it (None: not recovered)
+    method: str                                  # the method / setting as published ("baseline", "EViT/0.9", ...)
+    methods: Optional[Tuple[str, ...]] = ()      # the active sections of a matching run (None: no run here can)
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)   # section -> key -> value to match
+    top1: Optional[float] = None                 # ImageNet top-1 (%) as the paper states it
+    top1_final: Optional[float] = None           # last-epoch top-1, where a log gives it
+    top1_best: Optional[float] = None            # best-epoch top-1, where a log gives it
+    train_time: Optional[float] = None           # training time in ``time_unit``
+    time_unit: str = ""                          # "h" (wall-clock on ``gpus``) or "% of baseline"
+    gpus: Optional[str] = None                   # the hardware the time was measured on
+    gflops: Optional[float] = None               # inference GFLOPs per image as published
+    speedup: Optional[float] = None              # training speed-up over the row's baseline (x)
+    source: str = ""                             # where the figures were read
+    precision: str = ""                          # how exact they are (read / vector figure / raster figure)
+    kind: str = "table"                          # table: the paper's own cell; context: another source's figure
+    notes: str = ""
+    sweep: Mapping[str, Mapping[float, Optional[float]]] = field(default_factory=dict)   # e.g. top-1 per keep rate
 
 
 # ---------------------------------------------------------------------------------------------- the interface
@@ -207,6 +239,21 @@ class Method:
     def inference_knob(self) -> Optional[InferenceKnob]:
         return None
 
+    # --- published figures ----------------------------------------------------------------------------------
+    @classmethod
+    def published_rows(cls) -> List[PublishedRow]:
+        """The published rows of this method's paper(s), without a config: the ``ROWS`` list of the package's
+        ``published.py`` beside its ``method.py`` (none: ``[]``)."""
+        package, _, module = cls.__module__.rpartition(".")
+        if not package or module != "method" or importlib.util.find_spec(f"{package}.published") is None:
+            return []
+        return list(getattr(importlib.import_module(f"{package}.published"), "ROWS", []))
+
+    def published(self) -> List[PublishedRow]:
+        """The published rows this method offers to compare a run with (default: its class's rows; ``[]`` for a
+        method without a ``published.py``)."""
+        return self.published_rows()
+
 
 # ---------------------------------------------------------------------------------------------- the registry
 _REGISTRY: Dict[str, Type[Method]] = {}
@@ -249,6 +296,12 @@ def method_class(name: str) -> Type[Method]:
     if name not in reg:
         raise MethodError(f"unknown method '{name}' (known: {', '.join(sorted(reg)) or 'none'})")
     return reg[name]
+
+
+def published_rows(names: Optional[Sequence[str]] = None) -> List[PublishedRow]:
+    """The published rows of every registered method (or of ``names``), in section-name order; no config needed."""
+    reg = registry()
+    return [row for name in (sorted(reg) if names is None else names) for row in method_class(name).published_rows()]
 
 
 def parse_combination(text: str) -> List[str]:

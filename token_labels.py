@@ -19,12 +19,27 @@ batch of them into targets on the device, as the published code does: scatter th
 ``[B, K, H, W]`` map, RoIAlign the crop box to the token grid (and to 1x1 for the class token), flip, softmax.
 Photometric augmentations only touch the image.
 
+Published fidelity, each behind an argument whose default is this repository's behaviour (the config keys that choose
+them are wired in ``config.py`` / ``datasets.py`` / ``main.py``; the published behaviour is what the table configs use):
+
+* ``box_order`` (:func:`token_label_targets`): the published code stores the crop as ``(top, left, h, w)`` and hands
+  ``(top, left, bottom, right)`` to RoIAlign, which reads ``(x1, y1, x2, y2)``: it crops the label map with x and y
+  swapped. ``"published"`` reproduces that, ``"fixed"`` (default) uses the crop's own box. On 4:3 ImageNet-sized
+  images the swapped box overlaps the intended one with a mean IoU of about 0.48 (below 0.5 on about half of the
+  crops).
+* ``joint_transform`` (:class:`TokenLabelDataset`, e.g. :class:`LabelRandAugment` from
+  :func:`build_token_label_transforms` with ``rand_augment="published"``): the published pipeline order, flip ->
+  RandAugment -> random-resized crop, with RandAugment's rotation, shears and translations applied to the image and
+  to the label map alike (nearest sampling on the label grid, with the published code's cell-index geometry, or
+  ``"aligned"`` with the image's exactly). The default keeps only RandAugment's photometric ops.
+
 Loss. :class:`TokenLabelLoss` is ``cls_weight * CE(cls, cls_target) + dense_weight * CE(aux, dense_targets)`` with
 MixToken's area mixing of the class target. Every data problem stops with a :class:`TokenLabelError` naming the image.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -39,6 +54,10 @@ FORMAT = "toe-token-labels"
 VERSION = 1
 INDEX_FILE, SCORES_FILE, INDICES_FILE, DONE_FILE = "index.json", "scores.npy", "indices.npy", "done.npy"
 CLS_SOURCES = ("label_map", "ground_truth", "corrected")
+BOX_ORDERS = ("published", "fixed")                # published: x and y of the crop box swapped, as the published code
+# published: RandAugment's geometric ops on the image and (with the published label geometry) the label map, before
+# the crop; aligned: the same with the label map moved exactly as the image; photometric: no geometric op
+RAND_AUGMENTS = ("published", "aligned", "photometric")
 GEOMETRIC_RAND_OPS = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
 
 
@@ -316,25 +335,48 @@ def smooth(target: torch.Tensor, smoothing: float) -> torch.Tensor:
     return target * (1.0 - smoothing) + smoothing / target.shape[-1]
 
 
+def published_box(box: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The box the published code's RoIAlign crops with, in this module's frame, for crop boxes ``(x1, y1, x2, y2)``
+    ``[B, 4]`` (normalised, unflipped image) and flip flags ``[B]``.
+
+    The published loader flips the image and its label map *before* the crop and records the crop as ``(top, left,
+    height, width)``; the targets then pass ``(top, left, bottom, right)`` to RoIAlign, which reads it as
+    ``(x1, y1, x2, y2)``: x and y swapped, in the flipped frame, and the crop is not flipped afterwards. Here the map is
+    unflipped and the crop is flipped after RoIAlign, so the same cells are sampled with the swapped box mirrored back:
+    ``(y1, x1, y2, x2)`` without a flip, ``(1 - y2, 1 - x2, 1 - y1, 1 - x1)`` with one (RoIAlign of a mirrored map with
+    a box is the mirror of RoIAlign of the map with the mirrored box). The published code also scales both axes by
+    the map's width: the same for the square maps both generators write.
+    """
+    x1, y1, x2, y2 = box.unbind(-1)
+    plain = torch.stack([y1, x1, y2, x2], dim=-1)
+    mirrored = torch.stack([1 - y2, 1 - x2, 1 - y1, 1 - x1], dim=-1)
+    return torch.where(flip.to(box.device).bool().view(-1, 1), mirrored, plain)
+
+
 def token_label_targets(label: Dict[str, torch.Tensor], num_classes: int, size: Union[int, Tuple[int, int]],
                         smoothing: float = 0.0, class_target: Optional[torch.Tensor] = None,
-                        cls_source: str = "label_map") -> TokenTargets:
+                        cls_source: str = "label_map", box_order: str = "fixed") -> TokenTargets:
     """Targets of a collated batch of :class:`TokenLabelDataset` labels (already on the training device).
 
     dense: RoIAlign of the crop box to the token grid ``size``, flipped where the image was, softmax over classes.
     cls: ``label_map`` (published default) the softmax of the crop's 1x1 RoIAlign; ``ground_truth`` the one-hot
     ``class_target``; ``corrected`` the published ``--ground-truth`` blend (0.5 label map + 0.5 one-hot when their
     top classes agree, 0.9 + 0.1 when they do not). Both get ``smoothing``.
+    box_order: ``fixed`` (default) crops the label map with the image's crop box; ``published`` with the published
+    code's box, x and y swapped (:func:`published_box`), for the dense and the class targets alike.
     """
     if cls_source not in CLS_SOURCES:
         raise ValueError(f"token_label.cls_target '{cls_source}' is not one of {', '.join(CLS_SOURCES)}")
+    if box_order not in BOX_ORDERS:
+        raise ValueError(f"token_label.box_order '{box_order}' is not one of {', '.join(BOX_ORDERS)}")
     size = (size, size) if isinstance(size, int) else tuple(size)
     full = dense_score_map(label["scores"], label["indices"], num_classes)
-    dense = crop_label_map(full, label["box"], size)                              # [B, K, h, w]
+    box = label["box"] if box_order == "fixed" else published_box(label["box"], label["flip"])
+    dense = crop_label_map(full, box, size)                                       # [B, K, h, w]
     flip = label["flip"].to(dense.device).bool().view(-1, 1, 1, 1)
     dense = torch.where(flip, dense.flip(-1), dense)
     dense = dense.softmax(dim=1).flatten(2).transpose(1, 2)                       # [B, h*w, K]
-    cls = crop_label_map(full, label["box"], (1, 1)).flatten(1).softmax(dim=1)    # [B, K]
+    cls = crop_label_map(full, box, (1, 1)).flatten(1).softmax(dim=1)             # [B, K]
     if cls_source != "label_map":
         if class_target is None:
             raise ValueError(f"cls_target '{cls_source}' needs the class targets")
@@ -349,6 +391,27 @@ def token_label_targets(label: Dict[str, torch.Tensor], num_classes: int, size: 
 
 
 # ============================================================================================ dataset
+def _rand_augment(aa: str, input_size: int, interpolation: str, mean):
+    """timm's RandAugment for ``aa`` with the hyper-parameters timm's (and the published) training pipeline uses."""
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+    if not aa.startswith("rand"):
+        raise ValueError(f"aa '{aa}': token labeling supports RandAugment ('rand-...') policies only")
+    hparams = dict(translate_const=int(input_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean))
+    if interpolation and interpolation != "random":
+        hparams["interpolation"] = str_to_pil_interp(interpolation)
+    return rand_augment_transform(aa, hparams)
+
+
+def _tensor_transform(reprob: float, remode: str, recount: int, mean, std) -> List[Callable]:
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms
+    tfl = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    if reprob > 0:
+        tfl.append(RandomErasing(reprob, mode=remode, max_count=recount, device="cpu"))
+    return tfl
+
+
 def build_image_transform(input_size: int, color_jitter: Optional[float] = 0.4, aa: Optional[str] = None,
                           interpolation: str = "bicubic", reprob: float = 0.0, remode: str = "pixel",
                           recount: int = 1, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
@@ -356,29 +419,191 @@ def build_image_transform(input_size: int, color_jitter: Optional[float] = 0.4, 
 
     Like timm's: RandAugment (or colour jitter when there is none), ToTensor, Normalize, RandomErasing. RandAugment
     keeps only its photometric ops: a rotation/shear/translation would move the image under a label map that stays
-    put (the published code transformed the label map too; we leave those ops out instead).
+    put. The published code transforms the label map too: :func:`build_token_label_transforms` with
+    ``rand_augment="published"``.
     """
-    from timm.data.auto_augment import rand_augment_transform
-    from timm.data.random_erasing import RandomErasing
-    from timm.data.transforms import str_to_pil_interp
     from torchvision import transforms
     tfl = []
     if aa:
-        if not aa.startswith("rand"):
-            raise ValueError(f"aa '{aa}': token labeling supports RandAugment ('rand-...') policies only")
-        hparams = dict(translate_const=int(input_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean))
-        if interpolation and interpolation != "random":
-            hparams["interpolation"] = str_to_pil_interp(interpolation)
-        ra = rand_augment_transform(aa, hparams)
+        ra = _rand_augment(aa, input_size, interpolation, mean)
         ra.ops = [op for op in ra.ops if op.name not in GEOMETRIC_RAND_OPS]
         ra.choice_weights = None
         tfl.append(ra)
     elif color_jitter:
         tfl.append(transforms.ColorJitter(color_jitter, color_jitter, color_jitter))
-    tfl += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if reprob > 0:
-        tfl.append(RandomErasing(reprob, mode=remode, max_count=recount, device="cpu"))
-    return transforms.Compose(tfl)
+    return transforms.Compose(tfl + _tensor_transform(reprob, remode, recount, mean, std))
+
+
+def affine_label(scores: np.ndarray, indices: np.ndarray, matrix: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """Resample a top-k label map ``[k, H, W]`` under an affine map of the label grid, as the published code does.
+
+    ``matrix = (a, b, c, d, e, f)`` maps every output cell ``(row, col)`` to the input point ``(a*row + b*col + c,
+    d*row + e*col + f)`` in index coordinates (cell centres at integers), sampled at the nearest cell (order-0
+    interpolation: ``floor(x + 0.5)``). Outside the grid (a coordinate below 0 or above ``n - 1``) the scores are 0
+    and the class indices those of the nearest edge cell: ``scipy.ndimage.affine_transform(order=0)`` with
+    ``mode="constant"`` for the scores and ``"nearest"`` for the indices, which is what the published code calls.
+    """
+    _, h, w = scores.shape
+    a, b, c, d, e, f = (float(v) for v in matrix)
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    src_r, src_c = a * rows + b * cols + c, d * rows + e * cols + f
+    near_r = np.clip(np.floor(src_r + 0.5), 0, h - 1).astype(np.int64)
+    near_c = np.clip(np.floor(src_c + 0.5), 0, w - 1).astype(np.int64)
+    inside = (src_r >= 0) & (src_r <= h - 1) & (src_c >= 0) & (src_c <= w - 1)
+    out_scores = np.where(inside[None], scores[:, near_r, near_c], np.zeros((), dtype=scores.dtype))
+    return out_scores.astype(scores.dtype, copy=False), indices[:, near_r, near_c]
+
+
+def _image_affine(name: str, args: Sequence[float], image_wh: Tuple[int, int]) -> Optional[Tuple[float, ...]]:
+    """PIL's affine data ``(a, b, c, d, e, f)`` of timm's geometric op ``name``: the output point ``(x, y)`` samples the
+    input at ``(a*x + b*y + c, d*x + e*y + f)``, in pixel-edge coordinates (``Image.rotate`` turns by ``args[0]``
+    degrees counter-clockwise about ``(W/2, H/2)``)."""
+    w, h = image_wh
+    if name == "ShearX":
+        return (1.0, args[0], 0.0, 0.0, 1.0, 0.0)
+    if name == "ShearY":
+        return (1.0, 0.0, 0.0, args[0], 1.0, 0.0)
+    if name in ("TranslateXRel", "TranslateX"):
+        return (1.0, 0.0, args[0] * w if name.endswith("Rel") else args[0], 0.0, 1.0, 0.0)
+    if name in ("TranslateYRel", "TranslateY"):
+        return (1.0, 0.0, 0.0, 0.0, 1.0, args[0] * h if name.endswith("Rel") else args[0])
+    if name == "Rotate":
+        angle = -math.radians(args[0])
+        cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+        cx, cy = w / 2.0, h / 2.0
+        return (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+    return None
+
+
+def label_op_matrix(name: str, args: Sequence[float], label_hw: Tuple[int, int], image_wh: Tuple[int, int],
+                    aligned: bool = False) -> Optional[Tuple[float, ...]]:
+    """The label-grid affine map (:func:`affine_label`) of RandAugment op ``name`` drawn with ``args`` (``None``:
+    a photometric op, the label map stays).
+
+    ``aligned=False``, the published label ops: the image's PIL maps on ``(x, y)`` transposed to the grid's
+    ``(row, col) = (y, x)`` in cell-index coordinates: ShearX ``x + f*y`` becomes ``col + f*row``, ShearY
+    ``row + f*col``, the relative translations move by the same fraction of the grid, Rotate turns by the same angle
+    about the grid point ``(H/2, W/2)``. Index coordinates put that centre, and the shears' origin, half a cell off
+    the image's, so near cell boundaries a label cell can take its neighbour's class (for a 20-30 degree rotation of
+    a 14 x 14 grid, a third of the cells). The absolute translations (not in the ``rand`` policies; the published
+    code leaves the label map alone for them) move by the image pixels scaled to the grid.
+
+    ``aligned=True``: the image's own map expressed on the label grid (cell ``i`` covers pixels ``[i*s, (i+1)*s)``),
+    so every label cell samples where its image region came from.
+    """
+    h, w = label_hw
+    if aligned:
+        image = _image_affine(name, args, image_wh)
+        if image is None:
+            return None
+        a, b, c, d, e, f = image
+        sx, sy = image_wh[0] / w, image_wh[1] / h                 # image pixels per label cell
+        # u = x / sx - 0.5, v = y / sy - 0.5 (cell-index coordinates); rows are v, columns u
+        return (e, d * sx / sy, 0.5 * e + 0.5 * d * sx / sy + f / sy - 0.5,
+                b * sy / sx, a, 0.5 * a + 0.5 * b * sy / sx + c / sx - 0.5)
+    if name == "ShearX":
+        return (1.0, 0.0, 0.0, args[0], 1.0, 0.0)
+    if name == "ShearY":
+        return (1.0, args[0], 0.0, 0.0, 1.0, 0.0)
+    if name == "TranslateXRel":
+        return (1.0, 0.0, 0.0, 0.0, 1.0, args[0] * w)
+    if name == "TranslateYRel":
+        return (1.0, 0.0, args[0] * h, 0.0, 1.0, 0.0)
+    if name == "TranslateX":
+        return (1.0, 0.0, 0.0, 0.0, 1.0, args[0] * w / image_wh[0])
+    if name == "TranslateY":
+        return (1.0, 0.0, args[0] * h / image_wh[1], 0.0, 1.0, 0.0)
+    if name == "Rotate":
+        angle = math.radians(args[0])
+        cos, sin = round(math.cos(angle), 15), round(math.sin(angle), 15)
+        cr, cc = h / 2.0, w / 2.0
+        return (cos, sin, cr - cos * cr - sin * cc, -sin, cos, cc + sin * cr - cos * cc)
+    return None
+
+
+class _RecordArgs:
+    """Wraps an AugmentOp's ``level_fn`` to remember the arguments of its last draw (picklable for workers)."""
+
+    def __init__(self, level_fn: Callable):
+        self.level_fn = level_fn
+        self.last: Optional[tuple] = None
+
+    def __call__(self, magnitude, hparams):
+        self.last = tuple(self.level_fn(magnitude, hparams))
+        return self.last
+
+
+class LabelRandAugment:
+    """timm's RandAugment on the image, with its geometric ops applied to the label map alike (the published
+    TokenLabeling RandAugment): ``(img, scores, indices) -> (img, scores, indices)``, on the whole image before the
+    crop.
+
+    The image goes through timm's own ``RandAugment`` code path: the ops are chosen with ``np.random.choice`` and each
+    op draws its probability, magnitude and sign with Python's ``random`` as timm does, so the image is exactly what
+    ``ra(img)`` would give for the same generator states. The arguments each geometric op drew are recorded (its
+    ``level_fn`` is wrapped) and the same transform is applied to the label map by :func:`label_op_matrix` /
+    :func:`affine_label` (``aligned``: the published label geometry, or the image's exactly; see
+    :func:`label_op_matrix`). ``transforms`` lists the wrapped RandAugment, so helpers that walk a Compose's
+    transforms (``datasets.fix_posterize``) reach its ops.
+    """
+
+    def __init__(self, ra, aligned: bool = False):
+        self.ra = ra
+        self.aligned = bool(aligned)
+        for op in ra.ops:
+            if op.name in GEOMETRIC_RAND_OPS and op.level_fn is not None and not isinstance(op.level_fn, _RecordArgs):
+                op.level_fn = _RecordArgs(op.level_fn)
+
+    @property
+    def transforms(self) -> list:
+        return [self.ra]
+
+    def __call__(self, img, scores: np.ndarray, indices: np.ndarray):
+        ra = self.ra
+        ops = np.random.choice(ra.ops, ra.num_layers, replace=ra.choice_weights is None, p=ra.choice_weights)
+        for op in ops:
+            recorder = op.level_fn if isinstance(op.level_fn, _RecordArgs) else None
+            if recorder is not None:
+                recorder.last = None
+            size = img.size
+            img = op(img)
+            if recorder is not None and recorder.last is not None:          # the op was applied
+                matrix = label_op_matrix(op.name, recorder.last, scores.shape[1:], size, self.aligned)
+                if matrix is not None:
+                    scores, indices = affine_label(scores, indices, matrix)
+        return img, scores, indices
+
+    def __repr__(self) -> str:
+        return f"LabelRandAugment({self.ra!r}, aligned={self.aligned})"
+
+
+class TokenLabelTransforms(NamedTuple):
+    """``joint``: applied to the whole image and its label map before the crop (``None``: nothing); ``image``: to the
+    cropped image."""
+    joint: Optional[Callable]
+    image: Callable
+
+
+def build_token_label_transforms(input_size: int, color_jitter: Optional[float] = 0.4, aa: Optional[str] = None,
+                                 interpolation: str = "bicubic", reprob: float = 0.0, remode: str = "pixel",
+                                 recount: int = 1, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                                 rand_augment: str = "photometric") -> TokenLabelTransforms:
+    """The training transforms of :class:`TokenLabelDataset` (``joint_transform``, ``image_transform``).
+
+    ``rand_augment="photometric"`` (default): no joint transform, :func:`build_image_transform` (RandAugment's
+    photometric ops after the crop). ``"published"`` (LV-ViT's published pipeline): RandAugment with all its ops as
+    a :class:`LabelRandAugment` on the whole image and label map after the flip and before the crop, then ToTensor,
+    Normalize and RandomErasing on the crop. ``"aligned"``: the same, with the label map moved exactly as the image
+    (:func:`label_op_matrix`). Without ``aa`` all are the colour-jitter pipeline.
+    """
+    if rand_augment not in RAND_AUGMENTS:
+        raise ValueError(f"token_label.rand_augment '{rand_augment}' is not one of {', '.join(RAND_AUGMENTS)}")
+    if rand_augment == "photometric" or not aa:
+        return TokenLabelTransforms(None, build_image_transform(input_size, color_jitter, aa, interpolation, reprob,
+                                                                remode, recount, mean, std))
+    from torchvision import transforms
+    joint = LabelRandAugment(_rand_augment(aa, input_size, interpolation, mean), aligned=rand_augment == "aligned")
+    return TokenLabelTransforms(joint, transforms.Compose(_tensor_transform(reprob, remode, recount, mean, std)))
 
 
 class TokenLabelDataset(Dataset):
@@ -388,12 +613,19 @@ class TokenLabelDataset(Dataset):
     image; ``label`` carries what the targets need, next to each other rather than hidden inside a tensor:
     ``scores [k, H, W]`` float16, ``indices [k, H, W]``, ``box [4]`` = crop ``(x1, y1, x2, y2)`` / image size, and
     ``flip`` (bool). :func:`token_label_targets` turns a collated batch into targets on the device.
+
+    ``joint_transform`` (``(img, scores, indices) -> (img, scores, indices)``, e.g. :class:`LabelRandAugment`):
+    the published order instead: the flip is applied to the whole image and its label map first, then the joint
+    transform, then the crop is drawn on the transformed image; ``label`` then holds the transformed map and
+    ``flip`` is false (the map is already flipped). Without it (default) the crop comes first and the flip is
+    applied to the targets on the device.
     """
 
     def __init__(self, images, store: Union[LabelStore, str], input_size: int = 224, *,
                  num_classes: Optional[int] = None, scale: Tuple[float, float] = (0.08, 1.0),
                  ratio: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0), hflip: float = 0.5,
-                 interpolation: str = "bicubic", image_transform: Optional[Callable] = None):
+                 interpolation: str = "bicubic", image_transform: Optional[Callable] = None,
+                 joint_transform: Optional[Callable] = None):
         self.store = store if isinstance(store, LabelStore) else LabelStore(store)
         self.samples = list(images.samples)
         self.root = images.root
@@ -409,6 +641,7 @@ class TokenLabelDataset(Dataset):
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
         self.interpolation = interpolation
         self.image_transform = image_transform if image_transform is not None else build_image_transform(input_size)
+        self.joint_transform = joint_transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -428,13 +661,20 @@ class TokenLabelDataset(Dataset):
         img = self.loader(path)
         scores, indices = self.store.read(int(self.rows[i]))
         check_label(scores, indices, self.store.shape, self.num_classes, self.keys[i])
+        if self.joint_transform is not None:       # the published order: flip, joint transform, then the crop
+            if bool(torch.rand(()) < self.hflip):
+                img, scores, indices = TF.hflip(img), scores[..., ::-1], indices[..., ::-1]
+            img, scores, indices = self.joint_transform(img, scores, indices)
+            scores, indices = np.ascontiguousarray(scores), np.ascontiguousarray(indices)
+            flip = False
         width, height = img.size
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
         img = TF.resized_crop(img, top, left, h, w, [self.input_size, self.input_size], self._interpolation(),
                               antialias=True)
-        flip = bool(torch.rand(()) < self.hflip)
-        if flip:
-            img = TF.hflip(img)
+        if self.joint_transform is None:
+            flip = bool(torch.rand(()) < self.hflip)
+            if flip:
+                img = TF.hflip(img)
         img = self.image_transform(img)
         box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height], dtype=torch.float32)
         label = {"scores": torch.from_numpy(scores), "indices": torch.from_numpy(indices), "box": box,
@@ -489,14 +729,19 @@ class TokenLabelCriterion(nn.Module):
     crop-aware targets (:func:`token_label_targets`) and applies :class:`TokenLabelLoss`."""
 
     def __init__(self, num_classes: int, size: Union[int, Tuple[int, int]], smoothing: float = 0.0,
-                 cls_weight: float = 1.0, dense_weight: float = 1.0, cls_source: str = "label_map"):
+                 cls_weight: float = 1.0, dense_weight: float = 1.0, cls_source: str = "label_map",
+                 box_order: str = "fixed"):
         super().__init__()
         if cls_source not in CLS_SOURCES:
             raise ValueError(f"token_label.cls_target '{cls_source}' is not one of {', '.join(CLS_SOURCES)}")
+        if box_order not in BOX_ORDERS:
+            raise ValueError(f"token_label.box_order '{box_order}' is not one of {', '.join(BOX_ORDERS)}")
         self.num_classes, self.size, self.smoothing, self.cls_source = num_classes, size, smoothing, cls_source
+        self.box_order = box_order          # published: the published code's swapped crop box (token_label_targets)
         self.loss = TokenLabelLoss(cls_weight, dense_weight)
 
     def forward(self, inputs: torch.Tensor, outputs, targets) -> torch.Tensor:
         class_target, label = targets
-        t = token_label_targets(label, self.num_classes, self.size, self.smoothing, class_target, self.cls_source)
+        t = token_label_targets(label, self.num_classes, self.size, self.smoothing, class_target, self.cls_source,
+                                self.box_order)
         return self.loss(outputs, t)

@@ -11,14 +11,26 @@
 
 The classifier becomes a per-location classifier over the final feature grid: a ViT's head is applied to every
 patch token (an ``aux_head`` if the model has one), a CNN's pooled classifier is applied as a 1x1 convolution to the
-unpooled feature map. Each image is resized (whole, without cropping) to the model's input size, so the label grid
-covers exactly the image that training crops are taken from. The top-k logits and class indices of every location
-are stored. Re-running the same command skips the rows already written, so an interrupted run continues.
+unpooled feature map. The top-k logits and class indices of every location are stored. Re-running the same command
+skips the rows already written, so an interrupted run continues.
+
+Preprocessing (``--preprocess``), bicubic in both:
+
+* ``whole`` (default): each image is resized whole, without cropping, to the input size, so the label grid covers
+  exactly the image that training crops are taken from (training normalises crop boxes to the whole image).
+* ``center-crop``: the published one. TokenLabeling's ``generate_label.py`` runs timm's evaluation transform: the
+  shorter side resized to ``floor(img_size / crop_pct)``, then a centre crop of ``img_size``. The published NFNet-F6
+  label files (``label_top5_train_nfnet``, README command ``--model dm_nfnet_f6 --img-size 576 --crop-pct 1.0``) were
+  made this way, so their maps cover the central square of each image (the middle 3/4 of the long side of a 4:3
+  image), while the published training, like ours, reads them as covering the whole image.
+
+The store's ``index.json`` records the preprocessing (``meta.preprocess``, ``meta.crop_pct``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -133,13 +145,23 @@ def build_teacher(args, num_classes: int) -> nn.Module:
     return timm.create_model(args.model, pretrained=False, **kwargs)
 
 
-def image_dataset(root: str, size: int, mean, std):
+PREPROCESS = ("whole", "center-crop")
+
+
+def image_dataset(root: str, size: int, mean, std, preprocess: str = "whole", crop_pct: float = 1.0):
+    """The teacher's input images: ``whole`` resizes each image to ``size`` x ``size``; ``center-crop`` (the published
+    generator) resizes its shorter side to ``floor(size / crop_pct)`` and takes the centre ``size`` x ``size``."""
     from torchvision import datasets, transforms
-    tf = transforms.Compose([
-        transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    bicubic = transforms.InterpolationMode.BICUBIC
+    if preprocess == "whole":
+        resize = [transforms.Resize((size, size), interpolation=bicubic)]
+    elif preprocess == "center-crop":
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"--crop-pct {crop_pct} must lie in (0, 1]")
+        resize = [transforms.Resize(math.floor(size / crop_pct), interpolation=bicubic), transforms.CenterCrop(size)]
+    else:
+        raise ValueError(f"--preprocess '{preprocess}' is not one of {', '.join(PREPROCESS)}")
+    tf = transforms.Compose(resize + [transforms.ToTensor(), transforms.Normalize(mean, std)])
     return datasets.ImageFolder(root, transform=tf)
 
 
@@ -180,16 +202,17 @@ def generate(args) -> int:
         raise SystemExit(f"--topk {args.topk} exceeds the teacher's {classes} classes")
 
     keys = [tl.image_key(p, keys_ds.root) for p, _ in keys_ds.samples]
-    meta = dict(model=args.model, checkpoint=args.checkpoint, img_size=size, classes=keys_ds.classes)
+    meta = dict(model=args.model, checkpoint=args.checkpoint, img_size=size, classes=keys_ds.classes,
+                preprocess=args.preprocess, crop_pct=args.crop_pct if args.preprocess == "center-crop" else None)
     writer = tl.LabelStoreWriter(args.out, keys, args.topk, h, w, num_classes, meta=meta)
     pending = writer.pending()
     progress = Progress(len(keys), writer.num_done, every=args.log_every)
     if len(pending) == 0:
         print(f"token labels: all {len(keys)} images already done in {args.out}")
         return 0
-    print(f"token labels: {args.model} at {size} px -> {h}x{w} grid, top-{args.topk} of {num_classes} classes; "
-          f"{len(pending)} of {len(keys)} images to do, writing {args.out}", flush=True)
-    dataset = image_dataset(args.data, size, mean, std)
+    print(f"token labels: {args.model} at {size} px ({args.preprocess}) -> {h}x{w} grid, top-{args.topk} of "
+          f"{num_classes} classes; {len(pending)} of {len(keys)} images to do, writing {args.out}", flush=True)
+    dataset = image_dataset(args.data, size, mean, std, args.preprocess, args.crop_pct)
     loader = torch.utils.data.DataLoader(_Rows(dataset, pending), batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else torch.autocast(device.type, enabled=False)
@@ -230,6 +253,12 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--use-ema", action="store_true", help="take the EMA weights of the checkpoint if present")
     p.add_argument("--model-kwargs", default="", help='extra timm.create_model arguments as JSON, e.g. \'{"depth": 2}\'')
     p.add_argument("--img-size", type=int, default=0, help="teacher input size (default: the model's)")
+    p.add_argument("--preprocess", default="whole", choices=PREPROCESS,
+                   help="whole: resize the whole image (default); center-crop: the published generator's resize of "
+                        "the shorter side and centre crop (the published NFNet-F6 labels)")
+    p.add_argument("--crop-pct", type=float, default=1.0,
+                   help="with --preprocess center-crop: resize the shorter side to img_size / crop_pct (published "
+                        "command: 1.0)")
     p.add_argument("--num-classes", type=int, default=0,
                    help="classes of the teacher (default: the dataset's; 1000 for --convert-pt)")
     p.add_argument("--topk", type=int, default=5)
@@ -245,6 +274,8 @@ def parse_args(argv: Optional[List[str]] = None):
         p.error("give --model (a teacher to run) or --convert-pt DIR (published labels to pack)")
     if not os.path.isdir(args.data):
         p.error(f"image folder {args.data} does not exist")
+    if not 0 < args.crop_pct <= 1:
+        p.error(f"--crop-pct {args.crop_pct} must lie in (0, 1]")
     return args
 
 

@@ -535,3 +535,243 @@ def test_one_training_step_with_token_labels_and_toe(tmp_path):
     opt.step()
     assert not torch.equal(before["aux_head.weight"], model.state_dict()["aux_head.weight"])
     assert model.eval()(images).shape == (6, 3)
+
+
+# ============================================================================================ published fidelity
+def _published_code_targets(dense_map, image_hw, crop, flip, size):
+    """The published targets written out step by step: the label map is flipped with the image *before* the crop,
+    the crop drawn on the flipped image is stored as (top/H, left/W, h/H, w/W), the origin is added to the size, and
+    RoIAlign reads the result as (x1, y1, x2, y2), scaled by the map's width; no flip afterwards."""
+    from torchvision.ops import roi_align
+    H, W = image_hw
+    top, left, h, w = crop
+    if flip:
+        dense_map, left = dense_map.flip(-1), W - left - w        # the same crop, seen in the flipped image
+    coords = torch.tensor([[top / H, left / W, h / H, w / W]], dtype=torch.float64)
+    coords[:, 2:] += coords[:, :2]
+    rois = torch.cat([torch.zeros(1, 1), coords.float() * dense_map.shape[3] - 0.5], 1)
+    dense = roi_align(dense_map, rois, output_size=(size, size))
+    cls = roi_align(dense_map, rois, output_size=(1, 1))
+    return dense.softmax(1).flatten(2).transpose(1, 2), cls.flatten(1).softmax(1)
+
+
+def test_published_box_order_reproduces_the_published_swapped_crop():
+    torch.manual_seed(0)
+    C, G = 6, 8                                              # classes, label grid (square, as the generators write)
+    dense_map = torch.randn(1, C, G, G) * 3
+    label = {"scores": dense_map.half().float(), "indices": torch.arange(C).view(1, C, 1, 1).expand(1, C, G, G)}
+    image_hw = (40, 80)                                      # a landscape image: x and y are not interchangeable
+    for crop in ((3, 10, 30, 42), (0, 0, 40, 80), (12, 50, 20, 25)):
+        top, left, h, w = crop
+        box = torch.tensor([[left / 80, top / 40, (left + w) / 80, (top + h) / 40]])
+        for flip in (False, True):
+            lab = dict(label, box=box, flip=torch.tensor([flip]))
+            got = tl.token_label_targets(lab, C, 4, box_order="published")
+            dense, cls = _published_code_targets(label["scores"], image_hw, crop, flip, 4)
+            torch.testing.assert_close(got.dense, dense, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.cls, cls, rtol=1e-4, atol=1e-5)
+            fixed = tl.token_label_targets(lab, C, 4)
+            if crop != (0, 0, 40, 80):
+                assert not torch.allclose(fixed.dense, got.dense, atol=1e-3)
+    # the default is the fixed box; a bad name stops with the key
+    assert tl.token_label_targets.__defaults__[-1] == "fixed"
+    with pytest.raises(ValueError, match="box_order 'swapped'"):
+        tl.token_label_targets(dict(label, box=box, flip=torch.tensor([False])), C, 4, box_order="swapped")
+
+
+def test_swapped_box_mean_iou_on_imagenet_sized_crops():
+    """The issue's figure: on 4:3 images the published (swapped) box overlaps the intended one with a mean IoU of
+    about 0.48, below 0.5 on about half of the crops."""
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    img = Image.new("RGB", (500, 375))
+    boxes = []
+    for _ in range(4000):
+        i, j, h, w = RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
+        boxes.append((j / 500, i / 375, (j + w) / 500, (i + h) / 375))
+    b = torch.tensor(boxes, dtype=torch.float64)
+    s = tl.published_box(b, torch.zeros(len(b), dtype=torch.bool))
+    inter = ((torch.minimum(b[:, 2], s[:, 2]) - torch.maximum(b[:, 0], s[:, 0])).clamp(min=0)
+             * (torch.minimum(b[:, 3], s[:, 3]) - torch.maximum(b[:, 1], s[:, 1])).clamp(min=0))
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    iou = inter / (2 * area - inter)                                   # the swap keeps the area
+    assert 0.45 < iou.mean().item() < 0.51 and 0.45 < (iou < 0.5).double().mean().item() < 0.6
+
+
+def test_criterion_passes_the_box_order():
+    torch.manual_seed(0)
+    label = {"scores": torch.randn(2, 3, 4, 4).half(), "indices": torch.randint(0, 5, (2, 3, 4, 4)),
+             "box": torch.tensor([[0.1, 0.2, 0.9, 0.6], [0.0, 0.5, 0.5, 1.0]]), "flip": torch.tensor([True, False])}
+    outputs = (torch.randn(2, 5), torch.randn(2, 4, 5), MixBox(0, 0, 0, 0, 2, 2))
+    for order in tl.BOX_ORDERS:
+        crit = tl.TokenLabelCriterion(5, 2, box_order=order)
+        expected = tl.TokenLabelLoss()(outputs, tl.token_label_targets(label, 5, 2, box_order=order))
+        assert crit(None, outputs, (torch.tensor([0, 1]), label)).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="box_order"):
+        tl.TokenLabelCriterion(5, 2, box_order="xy")
+
+
+def test_affine_label_samples_like_scipy_ndimage_order_0():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(0)
+    for t in range(60):
+        h, w = (14, 14) if t % 2 else (9, 12)
+        scores = (rng.standard_normal((3, h, w)) + 5).astype(np.float16)
+        indices = rng.integers(0, 1000, (3, h, w))
+        theta = rng.uniform(-0.6, 0.6)
+        m = (math.cos(theta), math.sin(theta), rng.uniform(-3, 3), -math.sin(theta), math.cos(theta), rng.uniform(-3, 3))
+        if t % 3 == 1:
+            m = (1, 0, rng.uniform(-6, 6), 0, 1, rng.uniform(-6, 6))
+        elif t % 3 == 2:
+            m = (1, rng.uniform(-.3, .3), 0, rng.uniform(-.3, .3), 1, 0)
+        full = [[1, 0, 0, 0], [0, m[0], m[1], m[2]], [0, m[3], m[4], m[5]]]
+        s, i = tl.affine_label(scores, indices, m)
+        assert np.array_equal(s, ndimage.affine_transform(scores.astype(np.float32), full, order=0, mode="constant"))
+        assert np.array_equal(i, ndimage.affine_transform(indices, full, order=0, mode="nearest"))
+        assert s.dtype == np.float16 and i.dtype == indices.dtype
+
+
+@pytest.mark.parametrize("name,args", [("Rotate", (20.0,)), ("Rotate", (-27.0,)), ("ShearX", (0.25,)),
+                                       ("ShearY", (-0.2,)), ("TranslateXRel", (0.3,)), ("TranslateYRel", (-0.3,))])
+def test_label_map_follows_the_geometric_ops_of_the_image(name, args):
+    """An image of 14 x 14 cells, each painted with its own class: after the op, the class the image shows at a
+    cell's centre is the class the transformed label map holds there. ``aligned`` follows the image up to cells cut
+    by a boundary, also on a 2:1 image; the published label geometry works in cell-index coordinates (half a cell
+    off the pixel grid, and blind to the image's aspect ratio), so it agrees on a square image only, and less."""
+    from timm.data.auto_augment import NAME_TO_OP
+    cls = np.arange(196).reshape(14, 14)
+    for (width, height), aligned in (((140, 140), True), ((140, 70), True), ((140, 140), False)):
+        pixels = np.zeros((height, width, 3), dtype=np.uint8)
+        pixels[..., 0] = np.kron(cls, np.ones((height // 14, width // 14), dtype=np.int64))
+        pixels[..., 1] = 255                                           # marks painted pixels (the fill has 0)
+        img = NAME_TO_OP[name](Image.fromarray(pixels), *args, resample=Image.NEAREST, fillcolor=(0, 0, 0))
+        matrix = tl.label_op_matrix(name, args, (14, 14), img.size, aligned=aligned)
+        scores, indices = tl.affine_label(np.ones((1, 14, 14), np.float16), cls[None], matrix)
+        seen = np.asarray(img)[height // 28::height // 14, width // 28::width // 14]
+        inside = (seen[..., 1] == 255) & (scores[0] > 0)
+        share = ((seen[..., 0] == indices[0]) & inside).sum() / inside.sum()
+        least = 0.99 if "Translate" in name else 0.85 if aligned or "Shear" in name else 0.5
+        assert inside.sum() > 100 and share > least, (width, height, aligned, share)
+    # the two geometries differ by at most half a cell: the same for translations by whole fractions of the grid
+    assert tl.label_op_matrix("TranslateXRel", (0.25,), (8, 8), (64, 64)) == pytest.approx(
+        tl.label_op_matrix("TranslateXRel", (0.25,), (8, 8), (64, 64), aligned=True))
+    # photometric ops leave the label map alone
+    assert tl.label_op_matrix("Equalize", (), (14, 14), (140, 140)) is None
+    assert tl.label_op_matrix("Equalize", (), (14, 14), (140, 140), aligned=True) is None
+
+
+def test_label_rand_augment_gives_timm_s_image_and_moves_the_label_map():
+    import random
+    from timm.data.auto_augment import rand_augment_transform
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    scores = np.random.default_rng(1).standard_normal((2, 6, 8)).astype(np.float16) + 3
+    indices = np.arange(96).reshape(2, 6, 8) % 7
+    from datasets import fix_posterize                                 # Pillow 13 refuses timm's 0-bit posterize
+    hp = dict(translate_const=20, img_mean=(124, 116, 104))
+    joint = fix_posterize(tl.LabelRandAugment(rand_augment_transform("rand-m9-mstd0.5-inc1", dict(hp))))
+    plain = fix_posterize(transforms.Compose([rand_augment_transform("rand-m9-mstd0.5-inc1", dict(hp))])).transforms[0]
+    moved = 0
+    for seed in range(30):
+        random.seed(seed), np.random.seed(seed)
+        a, s, i = joint(img, scores, indices)
+        random.seed(seed), np.random.seed(seed)
+        b = plain(img)
+        assert np.array_equal(np.asarray(a), np.asarray(b)), seed
+        moved += not np.array_equal(i, indices)
+        if np.array_equal(np.asarray(a), np.asarray(img)):
+            assert np.array_equal(i, indices)
+    assert moved > 3
+    assert joint.transforms == [joint.ra]
+
+
+def test_build_token_label_transforms():
+    from datasets import fix_posterize
+    photo = tl.build_token_label_transforms(64, aa="rand-m9-mstd0.5-inc1", reprob=0.25)
+    assert photo.joint is None and all(op.name not in tl.GEOMETRIC_RAND_OPS for op in photo.image.transforms[0].ops)
+    pub = tl.build_token_label_transforms(64, aa="rand-m9-mstd0.5-inc1", reprob=0.25, rand_augment="published")
+    assert isinstance(pub.joint, tl.LabelRandAugment) and not pub.joint.aligned
+    assert tl.build_token_label_transforms(64, aa="rand-m9-mstd0.5-inc1", rand_augment="aligned").joint.aligned
+    assert {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"} <= {op.name for op in pub.joint.ra.ops}
+    assert [type(t).__name__ for t in pub.image.transforms] == ["ToTensor", "Normalize", "RandomErasing"]
+    fix_posterize(pub.joint)                                           # datasets.py's helper reaches the ops
+    assert any(op.aug_fn.__name__ == "_posterize" for op in pub.joint.ra.ops if op.name.startswith("Posterize"))
+    assert tl.build_token_label_transforms(64, aa=None, rand_augment="published").joint is None
+    with pytest.raises(ValueError, match="rand_augment"):
+        tl.build_token_label_transforms(64, rand_augment="geometric")
+
+
+def test_dataset_in_the_published_order_flips_the_map_before_the_crop(tmp_path):
+    folder = _CoordinateFolder(tmp_path / "img")
+    store = str(tmp_path / "store")
+    cols = np.tile(np.arange(4), (1, 2, 1))                            # label class = the label map's column
+    tl.LabelStoreWriter(store, ["a/grid.png"], 1, 2, 4, 4).write([0], np.ones((1, 1, 2, 4)), cols[None])
+    seen = []
+
+    def joint(img, scores, indices):
+        seen.append(indices.copy())
+        return img, scores, indices
+    ds = tl.TokenLabelDataset(folder, store, 32, num_classes=4, hflip=1.0, interpolation="bilinear",
+                              image_transform=transforms.ToTensor(), joint_transform=joint)
+    torch.manual_seed(0)
+    for _ in range(6):
+        img, _, label = ds[0]
+        x1, y1, x2, y2 = label["box"].tolist()
+        assert not bool(label["flip"]) and label["indices"][0, 0].tolist() == [3, 2, 1, 0]   # flipped map
+        assert seen[-1][0, 0].tolist() == [3, 2, 1, 0]                  # flipped before the joint transform
+        # the crop was cut from the flipped image: its red (3 x the original x) falls from left to right
+        r = img[0] * 255 / 3
+        assert r.mean().item() == pytest.approx(79 - ((x1 + x2) / 2 * 80 - 0.5), abs=1.5)
+        assert (r[:, -1] - r[:, 0]).mean().item() < 0
+
+
+def test_training_step_with_the_published_token_label_pipeline(tmp_path):
+    data = make_tree(tmp_path / "data")
+    _, ckpt = _teacher_checkpoint(tmp_path)
+    out = str(tmp_path / "labels")
+    assert gen.main([data, "--out", out, "--model", "vit_tiny_patch16_224", "--checkpoint", ckpt, "--img-size", "64",
+                     "--model-kwargs", '{"depth": 2, "embed_dim": 32, "num_heads": 2}', "--topk", "2",
+                     "--workers", "0", "--device", "cpu", "--preprocess", "center-crop"]) == 0
+    from datasets import fix_posterize
+    t = tl.build_token_label_transforms(64, aa="rand-m9-mstd0.5-inc1", reprob=0.25, rand_augment="published")
+    fix_posterize(t.joint)
+    ds = tl.TokenLabelDataset(datasets.ImageFolder(data), out, 64, image_transform=t.image, joint_transform=t.joint,
+                              interpolation="random")
+    loader = torch.utils.data.DataLoader(ds, batch_size=6, shuffle=True, num_workers=0)
+    torch.manual_seed(0)
+    model = tiny(num_classes=3, depth=2).train()
+    images, classes, label = next(iter(loader))
+    assert images.shape == (6, 3, 64, 64) and not label["flip"].any() and label["indices"].shape == (6, 2, 4, 4)
+    loss = tl.TokenLabelCriterion(3, 4, smoothing=0.1, box_order="published")(images, model(images), (classes, label))
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+def test_generator_offers_the_published_centre_crop(tmp_path):
+    data = make_tree(tmp_path / "data")
+    teacher, ckpt = _teacher_checkpoint(tmp_path)
+    out = str(tmp_path / "labels")
+    assert gen.main([data, "--out", out, "--model", "vit_tiny_patch16_224", "--checkpoint", ckpt, "--img-size", "64",
+                     "--model-kwargs", '{"depth": 2, "embed_dim": 32, "num_heads": 2}', "--topk", "2", "--workers",
+                     "0", "--device", "cpu", "--preprocess", "center-crop", "--crop-pct", "0.875"]) == 0
+    store = tl.LabelStore(out)
+    assert store.meta["preprocess"] == "center-crop" and store.meta["crop_pct"] == 0.875
+    cfg = teacher.pretrained_cfg
+    images = gen.image_dataset(data, 64, cfg["mean"], cfg["std"], "center-crop", 0.875)
+    # the shorter side to floor(64 / 0.875) = 73, then the centre 64 x 64
+    from torchvision import transforms as T
+    raw = datasets.ImageFolder(data)[0][0]
+    manual = T.CenterCrop(64)(T.Resize(73, interpolation=T.InterpolationMode.BICUBIC)(raw))
+    expected = T.Normalize(cfg["mean"], cfg["std"])(T.ToTensor()(manual))
+    assert torch.allclose(images[0][0], expected)
+    whole = gen.image_dataset(data, 64, cfg["mean"], cfg["std"])
+    assert not torch.allclose(images[0][0], whole[0][0])
+    with torch.no_grad():
+        x = torch.stack([images[i][0] for i in range(6)])
+        logits = teacher.head(teacher.forward_features(x)[:, 1:]).transpose(1, 2).reshape(6, 3, 4, 4)
+    top = logits.topk(2, dim=1)
+    for r in range(6):
+        s, i = store.read(r)
+        assert np.allclose(s, top.values[r].numpy(), atol=1e-2) and np.array_equal(i, top.indices[r].numpy())
+    assert tl.LabelStore(str(tmp_path / "labels")).meta["img_size"] == 64
+    with pytest.raises(SystemExit):
+        gen.main([data, "--out", str(tmp_path / "x"), "--model", "m", "--preprocess", "center-crop", "--crop-pct", "0"])

@@ -200,3 +200,184 @@ def test_schedule_rejects_impossible_settings():
     for kw in bad:
         with pytest.raises(ScheduleError):
             ToESchedule(**kw)
+
+
+# ============================================================================================ pipeline ablations
+ABLATIONS = [(i, e, m) for i in ("grid", "random") for e in ("farthest", "random", "none") for m in ("mean", "drop")]
+
+
+def ablated(base=DEIT_S, **kw):
+    args = dict(expansion_steps=base.expansion_steps, keep_rates=base.keep_rates, init_keep_rate=base.init_keep_rate,
+                repeat_k=base.repeat_k, distance=base.distance)
+    args.update(kw)
+    return ToESchedule(**args)
+
+
+def test_ablation_keys_default_to_the_published_method():
+    from toe.method import ToEConfig
+    cfg = ToEConfig()
+    assert (cfg.init, cfg.expansion, cfg.merge) == ("grid", "farthest", "mean")
+    s = cfg.schedule()
+    assert s.published_selection and s.ablations == {} and s == DEIT_S
+    # spelled out, the published settings take the published code path: bit-identical outputs
+    x = torch.randn(2, 197, 16)
+    explicit = ablated(init="grid", expansion="farthest", merge="mean")
+    for stage in (1, 2):
+        a, b = token_expansion(x, DEIT_S, stage), token_expansion(x, explicit, stage)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_ablation_choices_are_checked():
+    from toe import ScheduleError
+    for kw in (dict(init="uniform"), dict(expansion="nearest"), dict(merge="sum")):
+        with pytest.raises(ScheduleError, match=list(kw)[0]):
+            ablated(**kw)
+    from config import ConfigError, build_config
+    with pytest.raises(ConfigError, match="toe.expansion: 'far' is not one of farthest, random, none"):
+        build_config(dict(epochs=300, toe=dict(expansion="far")))
+
+
+@pytest.mark.parametrize("init,expansion,merge", ABLATIONS)
+@pytest.mark.parametrize("base", [DEIT_S, ToESchedule((0, 100, 200), (0.4, 0.7, 1.0), 0.2, 2)])
+def test_every_ablation_keeps_the_published_count_of_distinct_tokens(init, expansion, merge, base):
+    s = ablated(base, init=init, expansion=expansion, merge=merge)
+    x = torch.randn(3, 1 + 196, 8)
+    for stage in (1, 2):
+        out, index = token_expansion(x, s, stage)
+        kept = base.kept_tokens(196, stage)
+        assert out.shape == (3, 1 + kept, 8) and index.shape == (3, 1 + kept)
+        assert (index[:, 0] == 0).all() and torch.equal(out[:, 0], x[:, 0])
+        for b in range(3):
+            assert index[b].unique().numel() == 1 + kept and (index[b, 1:] >= 1).all()
+
+
+def _farthest_reference(unit, seeds, sizes):
+    """Farthest-first expansion from the given seeds, one token at a time in plain Python (cosine scores)."""
+    selected = list(seeds)
+    for size in sizes:
+        rest = [j for j in range(unit.shape[0]) if j not in selected]
+        best = (unit[rest] @ unit[selected].T).max(1).values
+        selected += [rest[i] for i in best.argsort()[:size].tolist()]
+    return selected
+
+
+def test_random_init_seeds_are_per_image_random_subsets_then_farthest_expansion():
+    torch.manual_seed(0)
+    s = ablated(init="random")
+    x = torch.randn(4, 1 + 196, 16)
+    out, index = token_expansion(x, s, 1)
+    seeds = index[:, 1:1 + 49] - 1
+    grid = torch.arange(0, 196, 4)
+    assert all(torch.equal(seeds[b], seeds[b].sort().values) for b in range(4))     # raster order
+    assert not any(torch.equal(seeds[b], grid) for b in range(4))
+    assert len({tuple(seeds[b].tolist()) for b in range(4)}) == 4                     # one draw per image
+    for b in range(4):
+        unit = x[b, 1:] / x[b, 1:].norm(dim=-1, keepdim=True)
+        expected = _farthest_reference(unit, seeds[b].tolist(), s.chunk_sizes(196, 1))
+        assert (index[b, 1:] - 1).tolist() == expected
+
+
+def test_random_expansion_adds_a_uniform_random_subset_of_the_non_seed_tokens():
+    torch.manual_seed(0)
+    s = ablated(expansion="random")
+    x = torch.randn(600, 1 + 196, 4)
+    _, index = token_expansion(x, s, 1)
+    grid = torch.arange(0, 196, 4)
+    assert torch.equal(index[:, 1:50] - 1, grid.expand(600, -1))                      # the published seeds
+    added = index[:, 50:] - 1
+    assert added.shape == (600, 49) and not torch.isin(added, grid).any()
+    assert len({tuple(a.tolist()) for a in added[:10]}) == 10
+    # every non-seed position is added with probability 49 / 147
+    freq = torch.bincount(added.reshape(-1), minlength=196)[[i for i in range(196) if i % 4]].float() / 600
+    assert (freq - 1 / 3).abs().max() < 0.1
+    _, index2 = token_expansion(x[:2], s, 2)
+    assert index2.shape[1] == 1 + 147 and torch.equal(index2[:, 1:50] - 1, grid.expand(2, -1))
+
+
+def test_no_expansion_grid_keeps_seeds_plus_an_even_fill_independent_of_the_features():
+    s = ablated(expansion="none")
+    rest = [i for i in range(196) if i % 4]
+    for stage, fill in ((1, 49), (2, 98)):
+        expected = list(range(0, 196, 4)) + [rest[j * 147 // fill] for j in range(fill)]
+        a = token_expansion(torch.randn(2, 197, 8), s, stage)[1]
+        b = token_expansion(torch.randn(2, 197, 8), s, stage)[1]
+        assert torch.equal(a, b) and (a[0, 1:] - 1).tolist() == expected and torch.equal(a[0], a[1])
+    assert (token_expansion(torch.randn(1, 197, 8), s, 1)[1][0, 50:53] - 1).tolist() == [1, 5, 9]
+    # random seeds and no expansion: a random kept set per image, seeds and the rest each in raster order
+    torch.manual_seed(1)
+    _, index = token_expansion(torch.randn(3, 197, 8), ablated(init="random", expansion="none"), 1)
+    for b in range(3):
+        seeds, rest_b = index[b, 1:50], index[b, 50:]
+        assert torch.equal(seeds, seeds.sort().values) and torch.equal(rest_b, rest_b.sort().values)
+    assert not torch.equal(index[0], index[1])
+
+
+@pytest.mark.parametrize("init,expansion", [("grid", "farthest"), ("random", "random"), ("grid", "none")])
+def test_drop_merging_discards_unselected_tokens(init, expansion):
+    x = torch.randn(3, 1 + 196, 16, requires_grad=True)
+    torch.manual_seed(0)
+    out, index = token_expansion(x, ablated(init=init, expansion=expansion, merge="drop"), 1)
+    assert torch.equal(out, torch.stack([x[b, index[b]] for b in range(3)]))           # rows as they were
+    out.sum().backward()
+    kept = torch.zeros(3, 197, dtype=torch.bool).scatter_(1, index, True)
+    assert (x.grad[kept] == 1).all() and (x.grad[~kept] == 0).all()
+    # with mean merging the same selection averages the unselected tokens in (so every token gets a gradient)
+    torch.manual_seed(0)
+    mean_out, mean_index = token_expansion(x, ablated(init=init, expansion=expansion), 1)
+    assert torch.equal(mean_index, index) and not torch.equal(mean_out, out)
+
+
+@pytest.mark.parametrize("init,expansion", [("random", "farthest"), ("grid", "random"), ("random", "none")])
+def test_random_ablations_draw_from_the_default_generator_reproducibly(init, expansion):
+    s = ablated(init=init, expansion=expansion)
+    x = torch.randn(2, 197, 8)
+    torch.manual_seed(5)
+    a = token_expansion(x, s, 2)[1]
+    state = torch.get_rng_state()
+    torch.manual_seed(5)
+    torch.rand(1)                         # a different position in the default generator's stream ...
+    b = token_expansion(x, s, 2)[1]
+    torch.manual_seed(5)
+    c = token_expansion(x, s, 2)[1]      # ... and the same position again
+    assert not torch.equal(a, b) and torch.equal(a, c) and torch.equal(torch.get_rng_state(), state)
+    # the deterministic settings leave the generator alone
+    before = torch.get_rng_state()
+    token_expansion(x, ablated(expansion="none", merge="drop"), 1)
+    token_expansion(x, DEIT_S, 1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_grad_checkpointing_redraws_the_same_random_tokens():
+    s = ablated(init="random", expansion="random", merge="drop")
+    torch.manual_seed(0)
+    ref = tiny_vit()
+    apply_toe(ref, s)
+    ckpt = copy.deepcopy(ref)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 224, 224)
+    kept = []
+    for m in (ref, ckpt):
+        m.train()
+        set_epoch(m, 0)
+        torch.manual_seed(7)
+        m(x).sum().backward()
+        kept.append(find_toe(m).kept_index)
+    assert torch.equal(kept[0], kept[1])
+    for (name, p), q in zip(ref.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ablation_configs_load_and_name_their_setting():
+    import glob
+    import os
+    from config import load_config
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ablations")
+    paths = sorted(glob.glob(os.path.join(root, "*.yaml")))
+    assert len(paths) >= 10
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.active_methods() == ["toe"], path
+        assert cfg.output_dir == "runs/ablations/" + os.path.basename(path)[:-5], path
+        with open(path) as f:
+            assert "# Ablation row:" in f.read(), path
+        cfg.toe.schedule()

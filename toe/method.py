@@ -14,7 +14,7 @@ from torch import nn
 from methods import Clock, Method, MethodError, TokenSite, Variant, register_method
 
 from .patch import DISTANCE_MODES, apply_toe, iter_toe
-from .schedule import DISTANCES, ScheduleError, ToESchedule
+from .schedule import DISTANCES, EXPANSIONS, INITS, MERGES, ScheduleError, ToESchedule
 
 
 @dataclass
@@ -31,10 +31,19 @@ class ToEConfig:
     insert_block: int = 1
     # also reduce tokens in evaluation (the paper evaluates on all tokens)
     sparse_eval: bool = False
+    # --- pipeline ablations (the first choice of each is the published method; toe.ops.select_tokens_ablation).
+    # Each keeps the published token count per stage, so an ablation changes which tokens are kept, not the speed-up.
+    # seeds: grid = the published raster-stride positions; random = a uniform random subset per image
+    init: str = field(default="grid", metadata={"choices": INITS})
+    # farthest = the published farthest-first expansion; random = a random subset of the other tokens per image;
+    # none = no expansion step: the seed rule alone picks every kept token (grid: spread evenly over the grid)
+    expansion: str = field(default="farthest", metadata={"choices": EXPANSIONS})
+    # mean = every unselected token averaged into its closest kept token (published); drop = discarded
+    merge: str = field(default="mean", metadata={"choices": MERGES})
 
     def schedule(self) -> ToESchedule:
         return ToESchedule(tuple(self.expansion_steps), tuple(self.keep_rates), self.init_keep_rate,
-                           self.repeat_k, self.distance)
+                           self.repeat_k, self.distance, self.init, self.expansion, self.merge)
 
 
 @register_method
@@ -107,7 +116,9 @@ class ToE(Method):
                 for stage, _, _ in self.schedule.stage_epochs(self.epochs)}
 
     def describe(self) -> str:
-        return f"ToE: kept patch tokens per stage {self.per_stage()} of {self.num_patches}"
+        ablations = ", ".join(f"{k} {v}" for k, v in self.schedule.ablations.items())
+        return (f"ToE: kept patch tokens per stage {self.per_stage()} of {self.num_patches}"
+                + (f"; ablation: {ablations}" if ablations else ""))
 
     def progress(self) -> str:
         return f"tokens {self.kept}"

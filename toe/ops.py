@@ -111,6 +111,98 @@ def select_tokens(xn: torch.Tensor, schedule: ToESchedule, stage: int, distance:
     return kept, assign
 
 
+def _fill_positions(num_tokens: int, init_keep_rate: float, count: int, device: torch.device) -> torch.Tensor:
+    """``count`` non-seed positions spread evenly over the raster order of the non-seed positions (deterministic).
+
+    With ``P`` the ascending positions that are not published seeds, position ``j`` of the fill is
+    ``P[floor(j * len(P) / count)]``: a feature-free, spatially even extension of the seed grid (for the DeiT schedule
+    the seeds are every 4th token and a fill of 49 takes every 3rd non-seed token, 1, 5, 9, ...).
+    """
+    def make():
+        seeds = set(torch.arange(0, num_tokens, int(1 // init_keep_rate))[:int(num_tokens * init_keep_rate)].tolist())
+        rest = [i for i in range(num_tokens) if i not in seeds]
+        picks = [rest[(j * len(rest)) // count] for j in range(count)] if count else []
+        return torch.tensor(picks, dtype=torch.long).to(device)
+    return _cached(("fill", num_tokens, init_keep_rate, count, str(device)), make)
+
+
+def select_tokens_ablation(xn: torch.Tensor, schedule: ToESchedule, stage: int, distance: str = "cosine",
+                           nearest: bool = False, with_assign: bool = True
+                           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`select_tokens` for the pipeline ablations (``schedule.init`` / ``schedule.expansion``); same outputs.
+
+    Every ablation keeps exactly the published number of tokens per stage (``m = int(N * r0)`` seeds, then the
+    schedule's ``chunk_sizes``): an ablation row changes *which* tokens are kept at the same speed-up, so its
+    accuracy difference is the value of the replaced step and not of a different token budget (the speed-up factor
+    is its own ablation: ``keep_rates`` / ``init_keep_rate``). Our reading of the paper's component ablation; the
+    paper's table itself was not recovered (``shared/research/toe_tables.md`` section 6).
+
+    * ``init: grid`` (published): the raster-stride seeds of :func:`seed_positions`, shared by the batch.
+      ``init: random``: an independent uniformly random set of ``m`` patch positions per image, in raster order.
+    * ``expansion: farthest`` (published): from those seeds, ``repeat_k`` sub-steps per stage each add the tokens
+      least similar to the selected set (the published rule, also its distance quirk), exactly as
+      :func:`select_tokens` does. ``expansion: random``: the same number of tokens, a uniformly random subset of the
+      non-seed tokens per image (in random order; the sub-steps of a random draw are one draw).
+      ``expansion: none``: no expansion step, the initialization alone picks all kept tokens: the seeds plus the
+      stage's remaining count chosen by the seed rule without features, i.e. for ``grid`` the non-seed positions
+      spread evenly in raster order (:func:`_fill_positions`, the same for every image), for ``random`` further
+      random positions (so ``random`` + ``none`` is the same distribution as ``random`` + ``random``: a uniform random
+      subset).
+    * merging is the caller's (``schedule.merge``); ``assign`` is only computed when ``with_assign``, and then each
+      unselected token goes to its closest kept token by the configured distance, as published.
+
+    Random draws come from torch's default generator of ``xn``'s device (``torch.rand``): grad checkpointing restores
+    that generator's state for the recomputation, so it redraws the same tokens, and the trainer's per-epoch
+    reseeding makes a run and its resumption draw the same ones.
+    """
+    batch, num_tokens, _ = xn.shape
+    inf = float("inf")
+    num_seeds = schedule.num_seeds(num_tokens)
+    sizes = [s for s in schedule.chunk_sizes(num_tokens, stage) if s > 0]
+    extra = sum(sizes)
+    noise = None
+    if schedule.init == "random" or schedule.expansion == "random":
+        noise = torch.rand(batch, num_tokens, device=xn.device)                          # [B, N], uniform
+    if schedule.init == "random":
+        # the m lowest-noise positions: a uniform random m-subset per image
+        if schedule.expansion == "farthest":
+            order = noise.topk(num_seeds, dim=1, largest=False, sorted=False).indices
+        else:      # one draw serves both: the next `extra` lowest-noise positions are a random non-seed subset
+            order = noise.topk(num_seeds + extra, dim=1, largest=False, sorted=True).indices
+        seeds = order[:, :num_seeds].sort(dim=1).values                                   # raster order
+    else:
+        seeds = seed_positions(num_tokens, schedule.init_keep_rate, xn.device).expand(batch, -1)
+
+    blocks: List[torch.Tensor] = []
+    if schedule.expansion == "farthest":
+        parts = [seeds]
+        blocks.append(scores_to(xn, seeds, distance, nearest))
+        best = blocks[0].amax(1).scatter_(1, seeds, inf)
+        for size in sizes:
+            added = best.topk(size, dim=1, largest=False, sorted=True).indices
+            parts.append(added)
+            blocks.append(scores_to(xn, added, distance, nearest))
+            best = torch.maximum(best, blocks[-1].amax(1)).scatter_(1, added, inf)
+        kept = torch.cat(parts, dim=1)
+    elif schedule.init == "random":                      # random or none after random seeds: the same draw
+        added = order[:, num_seeds:]
+        if schedule.expansion == "none":
+            added = added.sort(dim=1).values
+        kept = torch.cat([seeds, added], dim=1)
+    elif schedule.expansion == "random":                 # grid seeds, then a random subset of the other tokens
+        added = noise.scatter_(1, seeds, inf).topk(extra, dim=1, largest=False, sorted=True).indices
+        kept = torch.cat([seeds, added], dim=1)
+    else:                                                # grid seeds, none: the evenly spread fill
+        fill = _fill_positions(num_tokens, schedule.init_keep_rate, extra, xn.device)
+        kept = torch.cat([seeds, fill.expand(batch, -1)], dim=1)
+    if not with_assign:
+        return kept, None
+    scores = torch.cat(blocks, dim=1) if blocks else scores_to(xn, kept, distance, nearest)    # [B, M, N]
+    assign = scores.argmax(1)
+    assign.scatter_(1, kept, _arange(kept.shape[1], xn.device).expand(batch, -1))
+    return kept, assign
+
+
 def token_expansion(
     x: torch.Tensor,
     schedule: ToESchedule,
@@ -123,11 +215,19 @@ def token_expansion(
     The ``P`` prefix tokens (CLS, distillation, registers) pass through first and untouched. Kept patch tokens follow
     in the reference order (seeds in raster order, then expanded tokens in order of addition), each holding the mean
     of itself and the tokens merged into it. Returns ``(x, None)`` when the stage does not reduce.
+
+    The pipeline ablations of ``schedule`` (``init``, ``expansion``, ``merge``; see :func:`select_tokens_ablation`)
+    take their own branch; the published one (grid, farthest, mean) runs the same code as before they existed.
+    ``merge: drop``: the kept tokens pass through unchanged and the unselected ones are discarded (no averaging, no
+    gradient to them), i.e. the output rows are the input rows at the kept positions.
     """
     if not schedule.is_reducing(stage):
         return x, None
     batch, length, dim = x.shape
     num_prefix = num_prefix_tokens
+
+    if not schedule.published_selection or schedule.merge != "mean":
+        return _token_expansion_ablation(x, schedule, stage, num_prefix, nearest)
 
     with torch.no_grad():
         kept, assign = select_tokens(normalize(x[:, num_prefix:]), schedule, stage, schedule.distance, nearest)
@@ -140,5 +240,32 @@ def token_expansion(
         flat = (slot + (_arange(batch, x.device) * out_len).unsqueeze(1)).reshape(-1)
         counts = x.new_zeros(batch * out_len).index_add_(0, flat, x.new_ones(batch * length))
 
+    sums = x.new_zeros(batch * out_len, dim).index_add(0, flat, x.reshape(batch * length, dim))
+    return (sums / counts.unsqueeze(1)).view(batch, out_len, dim), index
+
+
+def _token_expansion_ablation(x: torch.Tensor, schedule: ToESchedule, stage: int, num_prefix: int,
+                              nearest: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_expansion` with a pipeline ablation: the selection of :func:`select_tokens_ablation` (or the
+    published one), merged by the mean as published or dropped (``merge: drop``)."""
+    batch, length, dim = x.shape
+    drop = schedule.merge == "drop"
+    with torch.no_grad():
+        xn = normalize(x[:, num_prefix:])
+        if schedule.published_selection:
+            kept, assign = select_tokens(xn, schedule, stage, schedule.distance, nearest)
+        else:
+            kept, assign = select_tokens_ablation(xn, schedule, stage, schedule.distance, nearest, with_assign=not drop)
+        prefix_slots = _arange(num_prefix, x.device).expand(batch, -1)
+        index = torch.cat([prefix_slots, kept + num_prefix], dim=1)                      # [B, P + M]
+        out_len = index.shape[1]
+        if drop:
+            rows = (index + (_arange(batch, x.device) * length).unsqueeze(1)).reshape(-1)
+        else:
+            slot = torch.cat([prefix_slots, assign + num_prefix], dim=1)                 # [B, P + N]
+            flat = (slot + (_arange(batch, x.device) * out_len).unsqueeze(1)).reshape(-1)
+            counts = x.new_zeros(batch * out_len).index_add_(0, flat, x.new_ones(batch * length))
+    if drop:
+        return x.reshape(batch * length, dim).index_select(0, rows).view(batch, out_len, dim), index
     sums = x.new_zeros(batch * out_len, dim).index_add(0, flat, x.reshape(batch * length, dim))
     return (sums / counts.unsqueeze(1)).view(batch, out_len, dim), index

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 DISTANCES = ("cosine", "manhattan", "euclidean")
+# the pipeline ablations; the first entry of each is the published behaviour (see toe/ops.py for their semantics)
+INITS = ("grid", "random")
+EXPANSIONS = ("farthest", "random", "none")
+MERGES = ("mean", "drop")
 
 
 class ScheduleError(ValueError):
@@ -26,6 +30,9 @@ class ToESchedule:
     repeat_k: the repetition step k: each stage's expansion is done in k sub-steps
         (``--expansion-multiple-stage``).
     distance: cosine, manhattan or euclidean.
+    init, expansion, merge: the pipeline ablations (``grid`` / ``farthest`` / ``mean`` are the published method; see
+        :func:`toe.ops.select_tokens_ablation` for the others). They change which tokens are kept and how the
+        rest are treated, never how many are kept, so every count below holds for all of them.
     """
 
     expansion_steps: Tuple[int, ...] = (0, 100, 200)
@@ -33,6 +40,9 @@ class ToESchedule:
     init_keep_rate: float = 0.25
     repeat_k: int = 2
     distance: str = "cosine"
+    init: str = "grid"
+    expansion: str = "farthest"
+    merge: str = "mean"
 
     def __post_init__(self):
         object.__setattr__(self, "expansion_steps", tuple(int(s) for s in self.expansion_steps))
@@ -62,6 +72,21 @@ class ToESchedule:
             raise ScheduleError(f"{prefix}.repeat_k {self.repeat_k} must be an integer >= 1")
         if self.distance not in DISTANCES:
             raise ScheduleError(f"{prefix}.distance '{self.distance}' is not one of {', '.join(DISTANCES)}")
+        for key, value, choices in (("init", self.init, INITS), ("expansion", self.expansion, EXPANSIONS),
+                                    ("merge", self.merge, MERGES)):
+            if value not in choices:
+                raise ScheduleError(f"{prefix}.{key} '{value}' is not one of {', '.join(choices)}")
+
+    @property
+    def published_selection(self) -> bool:
+        """Whether seeds and expansion are the published ones (raster-stride grid, farthest-first)."""
+        return self.init == "grid" and self.expansion == "farthest"
+
+    @property
+    def ablations(self) -> dict:
+        """The pipeline settings that differ from the published method, e.g. ``{"init": "random"}``."""
+        return {k: v for k, v, d in (("init", self.init, INITS[0]), ("expansion", self.expansion, EXPANSIONS[0]),
+                                     ("merge", self.merge, MERGES[0])) if v != d}
 
     @property
     def num_stages(self) -> int:
