@@ -1,63 +1,249 @@
-"""Checkpoints as plain data: written atomically, loadable with ``torch.load(weights_only=True)``.
+"""Checkpoints and the run directory: written atomically, loadable with ``torch.load(weights_only=True)``, never lost.
 
-A checkpoint is ``{model, model_ema, optimizer, lr_scheduler, scaler, epoch, best, config, version}``; ``model`` and
-``model_ema`` are the plain timm state dicts (ToE has no state), so ``timm.create_model(name).load_state_dict(
-ckpt["model"])`` works without this repository. ``config`` is the resolved config as a dict, never a pickled object.
+A checkpoint is ``{model, model_ema, optimizer, lr_scheduler, scaler, epoch, global_step, clock, mid_epoch, methods,
+best, config, version}``. ``model`` and ``model_ema`` are plain timm state dicts, so ``timm.create_model(name)
+.load_state_dict(ckpt["model"])`` works without this repository; ``config`` is the resolved config as a dict, never a
+pickled object. ``epoch`` is the last finished epoch (DeiT's and timm's convention); ``clock`` is where training
+continues (``epoch``, ``step`` inside it, ``global_step``). A checkpoint written on SIGTERM/SIGINT stops inside an
+epoch and adds ``mid_epoch``: the sampler position, and per rank the epoch's subset, RNG states and running
+figures, so that a resumed run trains exactly the batches an uninterrupted one would.
+
+Every file goes through :func:`atomic_write` (a unique temporary name in the same directory, ``fsync`` of the file,
+rename, ``fsync`` of the directory): a kill or a full disk leaves the previous file as it was. ``best.pth`` is a hard
+link to the ``checkpoint.pth`` of its epoch, made after it, so it can never be newer than ``checkpoint.pth``'s record
+of the best epoch; :func:`reconcile_best` repairs the one window a kill can leave (between the two renames).
+
+The run directory is guarded by :class:`RunLock` (one run at a time; the refusal names the holder's pid and host) and
+:func:`check_output_dir` (a fresh run never overwrites an existing one without ``--overwrite``).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
-from typing import Any, Dict, Optional
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-VERSION = 1
+VERSION = 2
 HEAD_PREFIXES = ("head.", "head_dist.", "aux_head.")
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pth", "best.pth", "summary.json")
+RUN_DIRS = ("tensorboard",)
+LOCK_NAME = ".lock"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint cannot be read, written or used; ``str(err)`` is the one line shown to the user."""
+
+
+class RunDirError(RuntimeError):
+    """The output directory cannot take this run; ``str(err)`` is the one line shown to the user."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty)."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def fsync_dir(directory: str) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where the file system cannot sync directories)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: str) -> str:
+    """A temporary name beside ``path`` that no other process or thread can pick."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+class _Recording:
+    """A file wrapper that keeps the ``OSError`` of a failed write (torch.save reports it as an opaque RuntimeError)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_write(path: str, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write ``path`` through ``write(file)``: into a unique temporary file in the same directory, ``fsync``, rename
+    over ``path``, ``fsync`` the directory. On any failure (full disk, a signal, an exception in ``write``) the
+    temporary file is removed, ``path`` is left as it was and the error is raised (an ``OSError`` for I/O)."""
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            rec = _Recording(f)
+            try:
+                write(rec)
+            except Exception:
+                if rec.error is not None:
+                    raise rec.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Write to ``path.tmp`` then rename, so a crash mid-write never leaves a truncated ``path``."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write a checkpoint atomically; a failure raises one :class:`CheckpointError` line and leaves the old file."""
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or first_line(e)}; the previous "
+                              f"{os.path.basename(path)} is intact and the temporary file was removed "
+                              f"(free space under {os.path.dirname(os.path.abspath(path))} and resume with "
+                              f"--resume auto)") from None
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
+def link_best(checkpoint: str, best: str) -> None:
+    """Make ``best`` the same file as ``checkpoint`` (a hard link renamed into place; a copy where links fail)."""
+    tmp = _temp_name(best)
+    try:
+        os.link(checkpoint, tmp)
+    except OSError:
+        try:
+            with open(checkpoint, "rb") as src:
+                atomic_write(best, lambda f: shutil.copyfileobj(src, f))
+        except OSError as e:
+            raise CheckpointError(f"cannot write {best}: {e.strerror or first_line(e)}; the previous best.pth is "
+                                  f"intact") from None
+        return
+    try:
+        os.replace(tmp, best)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(best)))
+
+
+def reconcile_best(checkpoint: str, best: str, state: Dict[str, Any]) -> bool:
+    """After a kill between writing ``checkpoint`` and linking ``best``: when the checkpoint records itself as the
+    best epoch but ``best`` is another file, link it. Returns whether ``best`` was repaired."""
+    record = state.get("best") or {}
+    if state.get("mid_epoch") or record.get("epoch") != state.get("epoch") or record.get("epoch", -1) < 0:
+        return False
+    if os.path.isfile(best) and os.path.samefile(checkpoint, best):
+        return False
+    link_best(checkpoint, best)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def load_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; every failure is one :class:`CheckpointError` line that names
+    ``what`` (the config key that pointed here) and the file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what}: checkpoint not found: {path}")
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what}: {path} is not a file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{what}: {path} is empty (0 bytes): it was never completely written; point {what} at "
+                              f"another checkpoint (e.g. best.pth) or start a new run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 -- a truncated, foreign or unsafe file
+        unsafe = [line.strip() for line in str(e).splitlines() if "Unsupported" in line]
+        if unsafe:
+            reason = unsafe[0].split(". ")[0].replace("WeightsUnpickler error: ", "")
+            raise CheckpointError(f"{what}: {path} was refused because loading it would run pickled code ({reason}); "
+                                  f"re-save it with plain data (e.g. vars(args) instead of args) or only its "
+                                  f"state_dict") from None
+        raise CheckpointError(f"{what}: cannot read {path} ({size} bytes): {type(e).__name__}: {first_line(e)[:160]}; "
+                              f"the file is truncated or not a checkpoint: point {what} at another one") from None
     if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path} is not a checkpoint dictionary")
+        raise CheckpointError(f"{what}: {path} is not a checkpoint dictionary")
     return ckpt
 
 
 def model_state(ckpt: Dict[str, Any], key: str = "model") -> Dict[str, torch.Tensor]:
-    """The weights inside a checkpoint: ours (``model``), DeiT's (``model``) or timm's (``state_dict``) or a bare dict."""
+    """The weights inside a checkpoint: ours (``model``), DeiT's (``model``), timm's (``state_dict``) or a bare dict,
+    with DDP / torch.compile prefixes removed (timm's ``clean_state_dict``)."""
+    from timm.models import clean_state_dict
+
     for k in (key, "state_dict", "model"):
         if isinstance(ckpt.get(k), dict):
-            return strip_prefixes(ckpt[k])
-    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return strip_prefixes(ckpt)
+            return clean_state_dict(ckpt[k])
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return clean_state_dict(ckpt)
     raise CheckpointError(f"no '{key}' weights in checkpoint (keys: {', '.join(list(ckpt)[:8])})")
 
 
-def strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Remove DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
-    out = {}
-    for k, v in state.items():
-        for p in ("module.", "_orig_mod."):
-            if k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
+def ema_state(ckpt: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
+    """The EMA weights (ours: ``model_ema``; timm: ``state_dict_ema``), or ``None``."""
+    from timm.models import clean_state_dict
+
+    for k in ("model_ema", "state_dict_ema"):
+        if isinstance(ckpt.get(k), dict):
+            return clean_state_dict(ckpt[k])
+    return None
+
+
+@dataclass
+class ResumeState:
+    """What a checkpoint says about where training stands (ours, or timm's ``train.py`` format)."""
+    path: str
+    ckpt: Dict[str, Any]
+    epoch: int                       # last finished epoch
+    next_epoch: int                  # the epoch training continues in
+    step: int                        # iterations of next_epoch already trained (mid-epoch checkpoints)
+    global_step: Optional[int]
+    mid_epoch: Optional[Dict[str, Any]]
+    timm_format: bool
+
+
+def resume_state(ckpt: Dict[str, Any], path: str) -> ResumeState:
+    """Where a checkpoint continues; a weights-only file is a one-line error that points at ``--finetune``."""
+    if "epoch" not in ckpt or "optimizer" not in ckpt:
+        raise CheckpointError(f"resume: {path} holds weights only (no optimizer state or epoch), so there is no run to "
+                              f"continue; start from these weights with --finetune {path}")
+    epoch = int(ckpt["epoch"])
+    clock = ckpt.get("clock") or {}
+    mid = ckpt.get("mid_epoch")
+    next_epoch = int(clock.get("epoch", epoch + 1))
+    step = int(clock.get("step", 0)) if mid else 0
+    gs = ckpt.get("global_step")
+    return ResumeState(path, ckpt, epoch, next_epoch, step, None if gs is None else int(gs), mid,
+                       timm_format="lr_scheduler" not in ckpt)
 
 
 def load_weights_strict(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
@@ -118,3 +304,123 @@ def resume_path(resume: str, output_dir: str) -> Optional[str]:
         p = os.path.join(output_dir, "checkpoint.pth")
         return p if os.path.isfile(p) else None
     return resume or None
+
+
+# ------------------------------------------------------------------------------------------------ the run directory
+def check_output_dir(path: str) -> None:
+    """Read-only: ``path`` is, or can be created as, a directory (not a file, not under a file)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunDirError(f"output_dir: {path} is a file, not a directory; pick another --output_dir")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunDirError(f"output_dir: cannot create {path}: {parent} is a file; pick another --output_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunDirError(f"output_dir: {parent} is not writable; pick another --output_dir")
+
+
+def run_files(path: str) -> List[str]:
+    """The outputs of a previous run found in ``path``."""
+    if not os.path.isdir(path):
+        return []
+    return [n for n in RUN_FILES + RUN_DIRS if os.path.exists(os.path.join(path, n))]
+
+
+def refuse_existing_run(path: str, resuming: bool, overwrite: bool) -> None:
+    """A fresh run (no resume) into a directory that holds a run stops, unless ``--overwrite`` was given."""
+    found = run_files(path)
+    if found and not resuming and not overwrite:
+        raise RunDirError(f"output_dir: {path} already holds a run ({', '.join(found)}); continue it with "
+                          f"--resume auto, pick a new --output_dir, or pass --overwrite to replace it")
+
+
+def clear_run(path: str) -> None:
+    """Remove a previous run's outputs (``--overwrite``); other files in the directory are left alone."""
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, name))
+    for name in RUN_DIRS:
+        shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
+def lock_holder(path: str) -> Optional[str]:
+    """Read-only: who holds the run directory's lock (``"pid 12 on host h since ..."``), or ``None``."""
+    lock = os.path.join(path, LOCK_NAME)
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _describe_holder(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        info = dict(kv.split("=", 1) for kv in os.pread(fd, 4096, 0).decode().split())
+        return f"pid {info.get('pid', '?')} on host {info.get('host', '?')} since {info.get('since', '?')}"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return "another process"
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``output_dir/.lock`` for the life of a run, holding ``pid=... host=... since=...``.
+
+    The kernel drops it when the process dies (even on ``kill -9``), so a stale lock never blocks a restart; a second
+    run on the same directory stops with one line naming the holder.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = os.path.join(path, LOCK_NAME)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            while True:
+                fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        os.close(fd)
+                        raise
+                    holder = _describe_holder(fd)
+                    os.close(fd)
+                    raise RunDirError(f"output_dir: {self.path} is in use by another run ({holder}); wait for it to "
+                                      f"end, stop it, or pick another --output_dir") from None
+                try:                                # the holder before us may have removed the file: lock the new one
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.lock))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            since = time.strftime("%Y-%m-%dT%H:%M:%S")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()} since={since}\n".encode(), 0)
+        except OSError as e:
+            raise RunDirError(f"output_dir: cannot write to {self.path} ({e.strerror or first_line(e)}); pick another "
+                              f"--output_dir") from None
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.lock)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

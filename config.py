@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
+import math
 import os
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from checkpoint import first_line
 from methods import MethodError, method_class, registry
 
 
@@ -33,91 +39,93 @@ class TokenLabelConfig:
     """LV-ViT token labeling: dense teacher labels from a packed store (scripts/generate_token_labels.py)."""
     data: str = "data/token_labels"            # the packed label store directory
     size: int = 14                             # token grid of the dense targets: input_size / patch size
-    cls_weight: float = 1.0
-    dense_weight: float = 1.0
+    cls_weight: float = 1.0                    # weight of the class-token loss
+    dense_weight: float = 1.0                  # weight of the dense (per-token) loss
     cls_target: str = "label_map"              # label_map | ground_truth | corrected
 
 
 @dataclass
 class Config:
     # --- run -------------------------------------------------------------------------------------------------
-    output_dir: str = "runs/default"
-    seed: int = 0
+    output_dir: str = "runs/default"           # where the run writes; a fresh run refuses a directory holding one
+    seed: int = 0                              # seeds the shuffle, the augmentations and the initialisation
     device: str = "auto"                       # auto | cpu | cuda
-    num_workers: int = 10
-    pin_memory: bool = True
+    num_workers: int = 10                      # data-loader worker processes per training process
+    pin_memory: bool = True                    # pin loader memory (GPU only)
     print_freq: int = 20                       # iterations between plain log lines (off a terminal)
-    tensorboard: bool = True
+    tensorboard: bool = True                   # also write TensorBoard scalars under output_dir/tensorboard
     eval: bool = False                         # evaluate `resume`/`finetune` weights and exit
     resume: str = ""                           # checkpoint to continue from ("auto": output_dir/checkpoint.pth if present)
+    resume_optimizer: bool = True              # on resume, keep the optimizer's moments (false: start them afresh)
     finetune: str = ""                         # initialise weights from a checkpoint, fresh optimizer and schedule
     save_every: int = 1                        # epochs between checkpoint.pth writes
     # --- data ------------------------------------------------------------------------------------------------
     data_set: str = "imagenet"                 # imagenet | cifar10 | cifar100 | folder | digits
-    data_path: str = "data/imagenet"
+    data_path: str = "data/imagenet"           # dataset root (ImageFolder train/ and val/, or the CIFAR files)
     nb_classes: Optional[int] = None           # checked against the dataset; taken from it when empty
-    input_size: int = 224
+    input_size: int = 224                      # image side in pixels
+    skip_bad_images: bool = False              # skip unreadable images (counted in the log) instead of stopping
     # --- model -----------------------------------------------------------------------------------------------
     model: str = "deit_small_patch16_224"      # any timm ViT name
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
-    drop: float = 0.0
-    drop_path: float = 0.1
-    grad_checkpointing: bool = False
-    compile: bool = False
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments (merged key by key)
+    drop: float = 0.0                          # dropout rate
+    drop_path: float = 0.1                     # stochastic-depth rate
+    grad_checkpointing: bool = False           # recompute activations in backward (less memory)
+    compile: bool = False                      # torch.compile the training model
     amp: str = "auto"                          # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | none
     # --- EMA -------------------------------------------------------------------------------------------------
-    model_ema: bool = True
-    model_ema_decay: float = 0.99996
+    model_ema: bool = True                     # keep an exponential moving average of the weights
+    model_ema_decay: float = 0.99996           # EMA decay per optimizer step
     model_ema_eval: bool = True                # evaluate the EMA every epoch
     best_on: str = "model"                     # model | ema: whose val top-1 picks best.pth
     # --- optimisation ----------------------------------------------------------------------------------------
-    epochs: int = 300
+    epochs: int = 300                          # training epochs
     batch_size: int = 64                       # per process; global batch = batch_size * world_size * grad_accum_steps
-    grad_accum_steps: int = 1
-    opt: str = "adamw"
-    opt_eps: float = 1e-8
-    opt_betas: Optional[List[float]] = None
-    momentum: float = 0.9
-    weight_decay: float = 0.05
+    grad_accum_steps: int = 1                  # iterations per optimizer step
+    opt: str = "adamw"                         # adamw | adam | sgd | lamb
+    opt_eps: float = 1e-8                      # optimizer epsilon (Adam family)
+    opt_betas: Optional[List[float]] = None    # [beta1, beta2] (Adam family); null: the optimizer's default
+    momentum: float = 0.9                      # SGD momentum, in [0, 1)
+    weight_decay: float = 0.05                 # decoupled weight decay (not on biases and norms)
     layer_decay: Optional[float] = None        # layer-wise lr decay (BEiT/SimMIM fine-tuning), by timm's optimizer factory
-    clip_grad: Optional[float] = None
+    clip_grad: Optional[float] = None          # max gradient norm; null: no clipping
     lr: float = 5e-4                           # for a global batch of lr_base_batch
-    lr_base_batch: int = 512
+    lr_base_batch: int = 512                   # the global batch lr is given for (linear scaling rule)
     unscale_lr: bool = False                   # true: use lr as given, no scaling by the global batch
     sched: str = "cosine"                      # cosine | step | constant
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6                    # lr at the start of the warm-up
+    min_lr: float = 1e-5                       # lr floor of the cosine schedule
+    warmup_epochs: int = 5                     # epochs of linear warm-up
     decay_epochs: int = 30                     # step schedule only
     decay_rate: float = 0.1                    # step schedule only
     # --- augmentation and regularisation -------------------------------------------------------------------
-    color_jitter: float = 0.3
-    aa: Optional[str] = "rand-m9-mstd0.5-inc1"
-    smoothing: float = 0.1
-    train_interpolation: str = "bicubic"
+    color_jitter: float = 0.3                  # colour-jitter strength (no effect while RandAugment is on)
+    aa: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy (rand-..., augmix-..., v0, original); null: none
+    smoothing: float = 0.1                     # label smoothing, in [0, 1)
+    train_interpolation: str = "bicubic"       # resize interpolation in training (bilinear, bicubic, random)
     hflip: float = 0.5                         # horizontal-flip probability (0 for digits and text)
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])   # RandomResizedCrop area range
-    repeated_aug: bool = True
-    ra_repeats: int = 3
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    cutmix_minmax: Optional[List[float]] = None
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    eval_crop_ratio: float = 0.875
+    repeated_aug: bool = True                  # repeated augmentation (each image ra_repeats times per epoch)
+    ra_repeats: int = 3                        # copies per image with repeated augmentation
+    reprob: float = 0.25                       # random-erasing probability
+    remode: str = "pixel"                      # random-erasing fill: pixel | rand | const
+    recount: int = 1                           # random-erasing boxes per image
+    mixup: float = 0.8                         # mixup alpha (0: off)
+    cutmix: float = 1.0                        # cutmix alpha (0: off)
+    cutmix_minmax: Optional[List[float]] = None   # cutmix box ratio range (overrides cutmix alpha)
+    mixup_prob: float = 1.0                    # probability of mixing a batch
+    mixup_switch_prob: float = 0.5             # probability of cutmix instead of mixup when both are on
+    mixup_mode: str = "batch"                  # batch | pair | elem: how mixing parameters are drawn
+    eval_crop_ratio: float = 0.875             # centre-crop ratio in evaluation (resize to input_size / ratio)
     # --- knowledge distillation ------------------------------------------------------------------------------
     distillation_type: str = "none"            # none | soft | hard
-    teacher_model: str = "regnety_160"
+    teacher_model: str = "regnety_160"         # timm name of the teacher
     teacher_path: str = ""                     # local checkpoint file of the teacher
     teacher_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
-    distillation_alpha: float = 0.5
-    distillation_tau: float = 1.0
+    distillation_alpha: float = 0.5            # weight of the distillation loss, in [0, 1]
+    distillation_tau: float = 1.0              # temperature of soft distillation
     # --- LV-ViT token labeling ------------------------------------------------------------------------------
-    token_label: Optional[TokenLabelConfig] = None
+    token_label: Optional[TokenLabelConfig] = None   # the token_label: section (null: off)
     # --- methods ---------------------------------------------------------------------------------------------
     methods: Optional[List[str]] = None        # active method sections, in order; null: every section present
     # the method sections by name (`toe:` ...), each the dataclass its method declares; written as top-level keys
@@ -157,9 +165,11 @@ CHOICES = {
     "distillation_type": ("none", "soft", "hard"),
     "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
 }
-NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "drop", "drop_path", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
-                "smoothing", "reprob", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "distillation_alpha",
-                "model_ema_decay", "clip_grad", "color_jitter", "hflip")
+NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
+                "mixup", "cutmix", "model_ema_decay", "clip_grad", "color_jitter", "opt_eps", "decay_epochs",
+                "decay_rate", "recount", "token_label.cls_weight", "token_label.dense_weight")
+PROBABILITIES = ("reprob", "mixup_prob", "mixup_switch_prob", "hflip", "distillation_alpha")      # in [0, 1]
+RATES = ("drop", "drop_path", "smoothing", "momentum")                                          # in [0, 1)
 POSITIVE = ("epochs", "batch_size", "grad_accum_steps", "input_size", "lr_base_batch", "print_freq", "save_every",
             "ra_repeats", "distillation_tau", "eval_crop_ratio", "nb_classes")
 
@@ -207,13 +217,18 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 5e-4, without a dot, as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML (YAML 1.1) reads 5e-4, without a dot, as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number; give a real value, e.g. --{key} 5e-4")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -232,7 +247,7 @@ def _build(cls, data: Dict[str, Any], prefix: str = ""):
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else "; valid keys are listed in README.md"
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else "; python main.py --help lists them"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
         choices = fields[key].metadata.get("choices")
@@ -257,7 +272,7 @@ def _build_config(data: Dict[str, Any]) -> Config:
     for key in own:
         if key not in own_keys:
             close = difflib.get_close_matches(key, own_keys + list(methods), n=1, cutoff=0.5)
-            hint = ("; valid keys are listed in README.md" if not close else
+            hint = ("; python main.py --help lists them" if not close else
                     f"; did you mean the method section '{close[0]}'?" if close[0] in methods else
                     f"; did you mean '{close[0]}'?")
             raise ConfigError(f"unknown config key '{key}'{hint}")
@@ -276,7 +291,7 @@ def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{_yaml_where(e, path)}: YAML syntax error: {_yaml_problem(e)}; fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     base = data.pop("base", None)
@@ -288,19 +303,45 @@ def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
     return deep_merge(read_yaml(base_path, seen), data)
 
 
+def _yaml_where(err: "yaml.YAMLError", path: str) -> str:
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1} (line {mark.line + 1}, column {mark.column + 1})" if mark else path
+
+
+def _yaml_problem(err: "yaml.YAMLError") -> str:
+    return getattr(err, "problem", None) or str(err).splitlines()[0]
+
+
 def deep_merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    """Mappings merge key by key at every level (sections, ``model_kwargs``, ``teacher_kwargs``); other values
+    replace."""
     out = dict(base)
     for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("model_kwargs", "teacher_kwargs"):
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v
     return out
 
 
+def bool_keys() -> set:
+    """Every boolean key, with its section prefix (``eval``, ``toe.sparse_eval``): these also work as bare flags."""
+    keys = set()
+    for prefix, cls in [("", Config)] + [(f"{n}.", c) for n, c in section_classes().items()]:
+        hints = typing.get_type_hints(cls)
+        keys |= {prefix + f.name for f in dataclasses.fields(cls) if hints.get(f.name) is bool}
+    return keys
+
+
+def section_classes() -> Dict[str, type]:
+    """Section name -> dataclass, for the non-method sections and every registered method."""
+    return {**SECTIONS, **{name: m.Config for name, m in registry().items()}}
+
+
 def parse_overrides(argv: List[str]) -> Dict[str, Any]:
     """``--key value`` / ``--key=value`` / ``--section.key value`` into a nested dict; values are read as YAML."""
     out: Dict[str, Any] = {}
+    flags = bool_keys()
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -308,16 +349,28 @@ def parse_overrides(argv: List[str]) -> Dict[str, Any]:
             raise ConfigError(f"unexpected argument '{arg}': overrides are written --key value")
         if "=" in arg:
             key, raw = arg[2:].split("=", 1)
+            key = key.replace("-", "_")
             i += 1
         else:
-            if i + 1 >= len(argv):
+            key = arg[2:].replace("-", "_")
+            bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
+            if key in flags and bare:                  # --eval
+                key, raw = key, "true"
+                i += 1
+            elif key.startswith("no_") and key[3:] in flags:     # --no-model_ema
+                key, raw = key[3:], "false"
+                i += 1
+            elif bare:
                 raise ConfigError(f"override {arg} has no value: write {arg} VALUE")
-            key, raw = arg[2:], argv[i + 1]
-            i += 2
-        key = key.replace("-", "_")
+            else:
+                raw = argv[i + 1]
+                i += 2
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:
+            if raw.lstrip()[:1] in "{[":
+                raise ConfigError(f"--{key}: {raw!r} is not valid YAML ({_yaml_problem(e)}); write e.g. "
+                                  f"--{key} '{{a: 1, b: 2}}' or '[1, 2]'") from None
             value = raw
         node = out
         parts = key.split(".")
@@ -341,6 +394,8 @@ def _apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[st
             data[key] = None       # --toe none: the same recipe without the method
             if key in registry() and isinstance(data.get("methods"), list) and key in data["methods"]:
                 data["methods"] = [m for m in data["methods"] if m != key]
+        elif isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = deep_merge(data[key], value)           # --model_kwargs '{depth: 2}' changes one key
         else:
             data[key] = value
     return data
@@ -362,6 +417,21 @@ def validate(cfg: Config) -> Config:
     for key in POSITIVE:
         if flat.get(key) is not None and flat[key] <= 0:
             raise ConfigError(f"{key}: {flat[key]} must be > 0")
+    for key in PROBABILITIES:
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise ConfigError(f"{key}: {getattr(cfg, key)} must be in [0, 1] (a probability)")
+    for key in RATES:
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}: {getattr(cfg, key)} must be in [0, 1)")
+    if cfg.opt_betas is not None and (len(cfg.opt_betas) != 2 or not all(0 <= b < 1 for b in cfg.opt_betas)):
+        raise ConfigError(f"opt_betas: {cfg.opt_betas} must be two values in [0, 1), e.g. [0.9, 0.999], or null for "
+                          f"the optimizer's default")
+    for key in ("model_kwargs", "teacher_kwargs"):
+        _check_kwargs(key, getattr(cfg, key))
+    check_model_name("model", cfg.model)
+    if cfg.distillation_type != "none":
+        check_model_name("teacher_model", cfg.teacher_model)
+    cfg.aa = _check_auto_augment(cfg.aa)
     if len(cfg.crop_scale) != 2 or not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         raise ConfigError(f"crop_scale: {cfg.crop_scale} must be [min, max] with 0 < min <= max <= 1")
     if not cfg.model_ema_decay < 1.0:
@@ -400,6 +470,41 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _check_kwargs(key: str, kwargs: Dict[str, Any]) -> None:
+    """Keys without a value are a typo timm would drop silently (``{patch_size:4}`` is the key ``patch_size:4``)."""
+    for k, v in kwargs.items():
+        if v is None:
+            hint = (f"YAML needs a space after the colon: {{{str(k).replace(':', ': ', 1)}}}" if ":" in str(k)
+                    else f"give it a value, e.g. {{{k}: VALUE}}, or leave it out")
+            raise ConfigError(f"{key}: '{k}' has no value; {hint}")
+
+
+def check_model_name(key: str, name: str) -> None:
+    """A name timm (with this repository's models) does not know stops with the closest names by edit distance."""
+    import timm
+    import models  # noqa: F401  (registers LV-ViT and the models the methods need)
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = (f"; did you mean {', '.join(close)}?" if close
+            else "; list the ViTs with: python -c \"import timm; print(timm.list_models('*vit*'))\"")
+    raise ConfigError(f"{key}: unknown timm model '{name}'{hint}")
+
+
+def _check_auto_augment(aa: Optional[str]) -> Optional[str]:
+    """``aa`` is a policy timm can build (``none`` or empty: off)."""
+    if aa is None or aa.strip().lower() in ("", "none"):
+        return None
+    from timm.data import create_transform
+    try:
+        create_transform(32, is_training=True, auto_augment=aa)
+    except Exception as e:  # noqa: BLE001 -- timm rejects a policy with assertions and key errors
+        raise ConfigError(f"aa: '{aa}' is not a timm auto-augment policy ({first_line(e)}); use e.g. "
+                          f"rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0 or original, or null for none") from None
+    return aa
+
+
 def build_config(data: Dict[str, Any]) -> Config:
     return validate(_build_config(data))
 
@@ -410,8 +515,119 @@ def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> C
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config; it loads back with ``load_config(path)``."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    """Write the resolved config (atomically); it loads back with ``load_config(path)``."""
+    from checkpoint import write_text       # the one atomic writer
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))
+
+
+# ------------------------------------------------------------------------------------------------ --help
+def field_docs(cls) -> Dict[str, Tuple[str, str]]:
+    """``name -> (group, description)`` for a config dataclass, read from the schema itself: a field's
+    ``metadata["help"]``, else its trailing comment, else the comment lines right above it; the group is the last
+    ``# --- group ---`` heading before it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        source = ""
+    comments: Dict[int, Tuple[str, bool]] = {}       # line -> (text, whole-line comment)
+    code_lines = set()
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
+            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+                code_lines.add(tok.start[0])
+    except (tokenize.TokenError, IndentationError):
+        pass
+    lines = source.splitlines()
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    out: Dict[str, Tuple[str, str]] = {}
+    group, above = "", []
+    for n, line in enumerate(lines, start=1):
+        text, whole = comments.get(n, ("", False))
+        if whole:
+            if text.startswith("---"):
+                group, above = text.strip("- ").strip(), []
+            else:
+                above.append(text)
+            continue
+        stripped = line.strip()
+        name = stripped.split(":", 1)[0].strip() if ":" in stripped else ""
+        if name in names and n in code_lines:
+            help_text = names[name].metadata.get("help") or text or " ".join(above)
+            out[name] = (group, help_text)
+        if n in code_lines:
+            above = []
+    for name, f in names.items():
+        if name not in out:
+            out[name] = ("", f.metadata.get("help", ""))
+    return out
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return "(required)"
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def key_rows() -> List[Tuple[str, str, str, str, str]]:
+    """Every config key as ``(group, key, type, default, description)``: Config's own, then each section's."""
+    rows = []
+    hints = typing.get_type_hints(Config)
+    docs = field_docs(Config)
+    for f in dataclasses.fields(Config):
+        if f.name == "sections" or dataclasses.is_dataclass(_strip_optional(hints[f.name])):
+            continue
+        group, text = docs[f.name]
+        rows.append((f"{group}:" if group else "general:", f.name, _type_name(hints[f.name]), _default_text(f),
+                     _with_choices(f, text)))
+    for section, cls in section_classes().items():
+        kind = "method section" if section in registry() else "section"
+        doc = " ".join((inspect.getdoc(cls) or "").split())
+        group = f"{section}: {kind} (null or --{section} none: off). {doc}".strip()
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name.startswith("_"):
+                continue
+            rows.append((group, f"{section}.{f.name}", _type_name(hints[f.name]), _default_text(f),
+                         _with_choices(f, docs[f.name][1])))
+    return rows
+
+
+def _with_choices(f: dataclasses.Field, text: str) -> str:
+    choices = f.metadata.get("choices")
+    if not choices or all(str(c) in text for c in choices):
+        return text
+    return " | ".join(map(str, choices)) + (f"; {text}" if text else "")
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def help_text(usage: str = "") -> str:
+    """The ``--help`` page: every key with its type, default and description, generated from the schema."""
+    rows = key_rows()
+    width_key = max(len(r[1]) for r in rows) + 2
+    width_type = min(max(len(r[2]) for r in rows), 24) + 2
+    width_default = 24
+    out = [usage.rstrip(), ""] if usage else []
+    out += ["Config keys (YAML file, or --KEY VALUE after --config; values are read as YAML; booleans also as bare",
+            "flags --KEY / --no-KEY; method sections as --SECTION.KEY VALUE, --SECTION none to drop one):"]
+    group = None
+    for g, key, tp, default, text in rows:
+        if g != group:
+            out += ["", g]
+            group = g
+        default = default if len(default) <= width_default - 2 else default[:width_default - 5] + "..."
+        out.append(f"  {key:<{width_key}}{tp:<{width_type}}{default:<{width_default}}{text}".rstrip())
+    return "\n".join(out) + "\n"

@@ -3,28 +3,34 @@
     train_loader, val_loader, nb_classes = build_loaders(cfg, rank, world_size, seed)
     for epoch in range(start, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)      # reshuffles; the same seed must be passed on every rank
+        train_loader.sampler.set_start(position)   # a resumed epoch: skip the samples already trained
 
 ``data_set`` picks the source: ``imagenet`` / ``folder`` (an ImageFolder tree with ``train/`` and ``val/``),
 ``cifar10`` / ``cifar100`` (torchvision's extracted python archives, never downloaded) or ``digits`` (scikit-learn's
 bundled 8x8 digits, written once as an ImageFolder tree so the demo runs the same code path as ImageNet).
-Every data mistake stops with one :class:`DatasetError` line that names the path or config key.
+Every data mistake stops with one :class:`DatasetError` line that names the path or config key (an unreadable image
+names its file, also from a loader worker); ``skip_bad_images`` leaves such images out instead, counted in the log.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
+import random
 import shutil
+import signal
+import sys
 import tempfile
 from typing import Iterator, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DatasetError(ValueError):
@@ -55,7 +61,7 @@ def build_transform(cfg, is_train: bool):
         transforms.Resize(resize, interpolation=bicubic),
         transforms.CenterCrop(size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
 
 
@@ -228,9 +234,44 @@ def _with_token_labels(cfg, images: datasets.ImageFolder) -> Dataset:
 
 
 # ------------------------------------------------------------------------------------------------ samplers
-class WithIndex(Dataset):
-    """A training set whose samples end with their dataset index, so methods that select examples can key their
-    per-example statistics through augmentation, mixup and repeated augmentation."""
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The seed of one training sample's augmentation: a function of where it is drawn (splitmix64 of the run seed,
+    epoch, rank and position in the rank's stream), so skipping trained batches on resume, or any number of
+    loader workers, leaves every other sample's augmentation unchanged."""
+    x = (((seed * 1_000_003 + epoch) * 1_000_033 + rank) * 1_000_037 + position) & 0xFFFFFFFFFFFFFFFF
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1                    # 63 bits: a valid torch seed
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed random, numpy and torch's CPU generator for one sample. In a loader worker the global state is the
+    worker's own; in the main process (``num_workers: 0``) the training's generator states are put back after."""
+    saved = None if get_worker_info() is not None else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+class BadImage:
+    """What :class:`SkipBadImages` returns for an unreadable image; the loader's collate leaves it out."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class SkipBadImages(Dataset):
+    """``skip_bad_images: true``: an unreadable image becomes a :class:`BadImage` (left out of its batch and counted in
+    the log, with one warning line naming the file) instead of stopping the run."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -239,7 +280,86 @@ class WithIndex(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        sample = self.dataset[i]
+        try:
+            return self.dataset[i]
+        except DatasetError as e:
+            print(f"warning: skipping an image (skip_bad_images): {e}", file=sys.stderr, flush=True)
+            return BadImage(str(e))
+
+    def __getattr__(self, name: str):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class SkippingCollate:
+    """torch's ``default_collate`` without the :class:`BadImage` entries; ``even``: drop one more sample when that
+    leaves an odd batch (mixup/cutmix pair each image with the batch flipped)."""
+
+    def __init__(self, even: bool = False):
+        self.even = even
+
+    def __call__(self, batch):
+        good = [b for b in batch if not isinstance(b, BadImage)]
+        if len(good) < len(batch):
+            if not good:
+                bad = next(b for b in batch if isinstance(b, BadImage))
+                raise DatasetError(f"every image of a batch is unreadable, e.g. {bad.reason}")
+            if self.even and len(good) % 2:
+                good = good[:-1]
+        return default_collate(good)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which saves a checkpoint and shuts them down (a
+    Ctrl-C reaches the whole process group; Slurm's SIGTERM reaches every process of the job)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_EXIT_HOOK = False
+
+
+def _kill_leftover_workers() -> None:
+    """At interpreter exit, before multiprocessing's own hook (which stops daemonic children with SIGTERM, which our
+    workers ignore, and then waits for them): kill loader workers an unfinished iterator left behind."""
+    import multiprocessing
+    from torch.utils.data._utils.worker import _worker_loop
+    for p in multiprocessing.active_children():
+        if p.daemon and getattr(p, "_target", None) is _worker_loop:
+            p.kill()
+
+
+def _register_exit_hook() -> None:
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        import atexit
+        atexit.register(_kill_leftover_workers)
+        _EXIT_HOOK = True
+
+
+class WithIndex(Dataset):
+    """A training set whose samples end with their dataset index, so methods that select examples can key their
+    per-example statistics through augmentation, mixup and repeated augmentation.
+
+    Indexed with ``(index, seed)`` (what the training samplers yield for the trainer's loader), the sample's
+    augmentation is drawn from generators seeded with ``seed`` (:func:`seeded`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, seed = key
+            with seeded(seed):
+                sample = self.dataset[i]
+        else:
+            i, sample = key, self.dataset[key]
+        if isinstance(sample, BadImage):
+            return sample
         return (*sample, i) if isinstance(sample, tuple) else (sample, i)
 
     def __getattr__(self, name: str):
@@ -249,16 +369,30 @@ class WithIndex(Dataset):
 
 
 class _SubsetMixin:
-    """Sampling from a subset of the dataset's indices (``set_indices``), chosen per epoch by a method."""
+    """What the training samplers share: a subset of the dataset's indices chosen per epoch by a method
+    (``set_indices``), a start position in the epoch's stream (``set_start``: a resumed epoch skips the samples
+    already trained; ``set_epoch`` goes back to 0) and, for the trainer's loader, ``(index, seed)`` pairs
+    (``sample_seeds``, see :func:`sample_seed`)."""
 
     subset: Optional[list] = None
+    start: int = 0
+    sample_seeds: bool = False
 
     def set_indices(self, indices: Optional[list]) -> None:
         self.subset = None if indices is None else list(indices)
         self._resize(len(self.dataset) if self.subset is None else len(self.subset))
 
-    def _map(self, positions: Iterator[int]) -> Iterator[int]:
-        return iter(positions) if self.subset is None else (self.subset[i] for i in positions)
+    def set_start(self, position: int) -> None:
+        """Skip the first ``position`` samples of this rank's stream this epoch."""
+        self.start = int(position)
+
+    def _map(self, positions: Iterator[int]):
+        idx = iter(positions) if self.subset is None else (self.subset[i] for i in positions)
+        if self.start:
+            idx = itertools.islice(idx, self.start, None)
+        if not self.sample_seeds:
+            return idx
+        return ((i, sample_seed(self.seed, self.epoch, self.rank, p)) for p, i in enumerate(idx, self.start))
 
 
 class RASampler(_SubsetMixin, Sampler[int]):
@@ -296,10 +430,10 @@ class RASampler(_SubsetMixin, Sampler[int]):
         return self._map(stream[self.rank:self.total_size:self.num_replicas][:self.num_selected])
 
     def __len__(self) -> int:
-        return self.num_selected
+        return self.num_selected - self.start
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch, self.start = epoch, 0
 
 
 class ShuffleSampler(_SubsetMixin, DistributedSampler):
@@ -320,6 +454,13 @@ class ShuffleSampler(_SubsetMixin, DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return self._map(super().__iter__())
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.start = 0
 
 
 class ShardSampler(Sampler[int]):
@@ -344,26 +485,38 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoade
     """Train and val loaders for one process, and the class count.
 
     ``seed`` must be the same on every rank: it orders the shared shuffle. Training samples end with their dataset
-    index (:class:`WithIndex`), and the train sampler can be narrowed to a subset per epoch (``set_indices``). Training workers are started afresh each
-    epoch and take their seeds from torch's global generator, which ``main.py`` reseeds per epoch and per rank: so
-    ranks do not augment in lockstep, and a resumed run draws the same augmentations as an uninterrupted one.
+    index (:class:`WithIndex`), and the train sampler can be narrowed to a subset per epoch (``set_indices``) and
+    started part-way (``set_start``, for a resumed epoch). Each training sample's augmentation is seeded by where it
+    is drawn (:func:`sample_seed`: seed, epoch, rank, position), so it does not depend on the number of workers or
+    on the batches a resumed epoch skips. Workers ignore SIGINT/SIGTERM (the main process handles them).
     """
     train_set, nb_classes = build_dataset(cfg, is_train=True)
-    train_set = WithIndex(train_set)
     val_set, _ = build_dataset(cfg, is_train=False)
+    skip = bool(getattr(cfg, "skip_bad_images", False))
+    if skip:
+        train_set, val_set = SkipBadImages(train_set), SkipBadImages(val_set)
+    train_set = WithIndex(train_set)
     if cfg.repeated_aug:
         train_sampler = RASampler(train_set, world_size, rank, shuffle=True, repeats=cfg.ra_repeats, seed=seed)
     else:
         train_sampler = ShuffleSampler(train_set, world_size, rank, seed=seed)
+    train_sampler.sample_seeds = True
     if len(train_sampler) < cfg.batch_size:
         raise DatasetError(f"batch_size: {cfg.batch_size} is more than the {len(train_sampler)} training samples each "
                            f"of {world_size} process(es) gets per epoch from {cfg.data_path}; lower batch_size")
-    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and torch.cuda.is_available())
-    train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=cfg.batch_size, drop_last=True, **common)
+    if cfg.num_workers > 0:
+        _register_exit_hook()
+    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                  worker_init_fn=_worker_init if cfg.num_workers > 0 else None)
+    mixing = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
+    train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=cfg.batch_size, drop_last=True,
+                              collate_fn=SkippingCollate(even=mixing) if skip else None, **common)
     val_loader = DataLoader(val_set, sampler=ShardSampler(val_set, world_size, rank), batch_size=int(1.5 * cfg.batch_size),
-                            drop_last=False, persistent_workers=cfg.num_workers > 0, **common)
+                            drop_last=False, persistent_workers=cfg.num_workers > 0,
+                            collate_fn=SkippingCollate() if skip else None, **common)
     return train_loader, val_loader, nb_classes
 
 
 __all__ = ["DatasetError", "build_dataset", "build_transform", "build_loaders", "check_num_classes",
-           "prepare_digits", "load_rgb", "RASampler", "ShuffleSampler", "ShardSampler", "WithIndex", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "prepare_digits", "load_rgb", "RASampler", "ShuffleSampler", "ShardSampler", "WithIndex", "SkipBadImages",
+           "BadImage", "sample_seed"]

@@ -1,20 +1,25 @@
-"""Process-group setup from torchrun / Slurm environment variables, and the few collectives the engine needs."""
+"""Process-group setup from torchrun / Slurm environment variables, the device, the few collectives the trainer
+needs, and the random-number state a mid-epoch checkpoint carries."""
 from __future__ import annotations
 
 import os
 import random
 from dataclasses import dataclass
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 
+class DeviceError(ValueError):
+    """The asked-for device does not exist; ``str(err)`` is the one line shown to the user."""
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -26,46 +31,51 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(*names: str):
-    for n in names:
-        if n in os.environ:
-            return int(os.environ[n])
-    return None
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The one device rule: ``auto`` is this process's GPU when there is one, else the CPU; ``cuda`` without a visible
+    GPU is an error (never a silent CPU run)."""
+    if name in ("auto", "", None):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError("device: 'cuda' was asked for but no GPU is visible (CUDA_VISIBLE_DEVICES, driver); "
+                              "use device: auto or cpu")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise DeviceError(f"device: '{name}' is not one of auto, cpu, cuda")
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by the environment (``env://``), or run as a single process.
 
-    torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; under ``srun`` without torchrun, SLURM_PROCID/SLURM_NTASKS/
-    SLURM_LOCALID are used (MASTER_ADDR/MASTER_PORT must then be exported by the job script). The local GPU is
-    taken from LOCAL_RANK, never from a ``--local_rank`` argument. NCCL on GPU, gloo on CPU.
+    Ranks come from timm's ``world_info_from_env`` (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or Slurm's
+    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID under ``srun`` without torchrun; MASTER_ADDR/MASTER_PORT must then be
+    exported by the job script). The local GPU is taken from the local rank, never from a ``--local_rank``
+    argument. NCCL on GPU, gloo on CPU.
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' was asked for but no GPU is visible; use device: auto or cpu")
-    rank = _env_int("RANK", "SLURM_PROCID")
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS")
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
-    if rank is None or world is None or world <= 1:
-        dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(dev)
-        return DistInfo(0, 1, 0, dev)
+    from timm.utils.distributed import world_info_from_env
+
+    local, rank, world = world_info_from_env()
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world <= 1:
+        return DistInfo(0, 1, dev)
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
-    if use_cuda:
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://",
-                            rank=rank, world_size=world, device_id=dev if use_cuda else None)
-    return DistInfo(rank, world, local, dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                            rank=rank, world_size=world, device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, world, dev)
 
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def seed_all(seed: int) -> None:
@@ -79,11 +89,58 @@ def seed_all(seed: int) -> None:
 def all_reduce_sum(values, device: torch.device):
     """Sum a list of floats over all ranks (identity on one process)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.all_reduce(t)
     return t.tolist()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any rank (a collective: every rank must call it at the same point)."""
+    if not _initialized():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_to_all(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` on one process)."""
+    if not _initialized():
+        return [obj]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ RNG states
+def rng_state() -> Dict[str, Any]:
+    """This process's generator states as plain data and tensors (loadable with ``torch.load(weights_only=True)``)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                       float(np_state[4])],
+             "random": _random_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss = state["random"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -4,18 +4,38 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from timm.utils import AverageMeter
+
 from distributed import all_reduce_sum
-from logger import Meter, RunLogger, Throughput, format_seconds
+from logger import RunLogger, Throughput, format_seconds
 from methods import Clock, ExampleBatch, MethodSet
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AmpError(ValueError):
+    """An AMP setting the device cannot run; ``str(err)`` is the one line shown to the user."""
+
+
+def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """The one AMP rule: ``auto`` is bf16 on a GPU and off elsewhere; ``bf16`` runs on
+    any device; ``fp16`` needs a GPU (its loss scaler is CUDA's); ``none`` is off."""
+    if amp in (None, "", "none") or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16
+    if amp not in AMP_DTYPES:
+        raise AmpError(f"amp: '{amp}' is not one of auto, bf16, fp16, none")
+    if amp == "fp16" and device.type != "cuda":
+        raise AmpError("amp: 'fp16' needs a GPU; use bf16 or none on the CPU")
+    return AMP_DTYPES[amp]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,80 +101,108 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                     amp_dtype: Optional[torch.dtype] = None, scaler: Optional[torch.amp.GradScaler] = None,
                     model_ema=None, mixup_fn=None, clip_grad: Optional[float] = None, accum_steps: int = 1,
                     print_freq: int = 20, world_size: int = 1, methods: Optional[MethodSet] = None,
-                    global_step: int = 0, iters_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+                    global_step: int = 0, iters_per_epoch: Optional[int] = None, start_step: int = 0,
+                    resumed: Optional[Dict[str, Any]] = None, on_start: Optional[Callable[[], None]] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
     """Train for one epoch; returns averaged metrics. Stops with :class:`NonFiniteLossError` on a NaN/inf loss.
 
     Batches are ``(images, *targets, dataset indices)``. ``global_step`` is the iteration counter at the start of
     the epoch; the methods see the clock before every iteration (``per_step`` ones) and the per-example outputs
     after it (those that observe examples).
+
+    A resumed epoch has ``start_step`` iterations behind it (the loader's sampler already skips their batches) and
+    the running figures they left (``resumed``: what ``progress`` held when it stopped); ``on_start()`` runs once
+    the loader's iterator exists (the trainer restores the RNG states there, after the loader drew its seed). After
+    every optimizer update but the epoch's last, ``should_stop()`` is asked (a collective under DDP); when it says
+    yes the epoch ends there and the result holds ``stopped_at`` (iterations of the epoch done) and ``progress``.
     """
     model.train()
     if criterion is not None:
         criterion.train()
     methods = methods if methods is not None else MethodSet([])
-    loss_meter = Meter()
-    num_iters = len(loader)
-    meter = Throughput(num_iters)
+    resumed = resumed or {}
+    num_iters = start_step + len(loader)
+    loss_meter = AverageMeter()
+    loss_meter.sum, loss_meter.count = resumed.get("loss_sum", 0.0), resumed.get("loss_count", 0)
+    meter = Throughput(num_iters, start_step, resumed.get("images", 0), resumed.get("seconds", 0.0))
+    data_time, skipped = resumed.get("data_seconds", 0.0), resumed.get("skipped", 0)
+    batches = iter(loader)
+    if on_start is not None:
+        on_start()
     optimizer.zero_grad(set_to_none=True)
-    data_time = 0.0
+    stopped_at = None
     t_data = time.perf_counter()
-    for it, batch in enumerate(loader):
-        data_time += time.perf_counter() - t_data
-        if methods.per_step:
-            methods.on_step(Clock(epoch, it, global_step + it, iters_per_epoch or num_iters, num_epochs))
-        *data, indices = batch
-        images = data[0].to(device, non_blocking=True)
-        # (images, class) or, with token labels, (images, class, label map): the criterion gets the rest as targets
-        targets = to_device(data[1] if len(data) == 2 else tuple(data[1:]), device)
-        labels = targets if torch.is_tensor(targets) else targets[0]
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
-        update = (it + 1) % accum_steps == 0 or it + 1 == num_iters
-        sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with sync_ctx:
-            with autocast(device, amp_dtype):
-                outputs = model(images)
-                loss = criterion(images, outputs, targets)
-            loss_value = loss.item()      # a host sync per step, as in DeiT: it is what catches a NaN at once
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} iteration {it}: stopping; the last "
-                                         f"checkpoint was written before this epoch and is intact")
-            scaled = loss / accum_steps
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        if methods.observers:
-            methods.observe(ExampleBatch(indices, _class_logits(outputs).detach().float(), labels, targets))
-        if update:
-            if scaler is not None:
-                if clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                if clip_grad is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None:
-                model_ema.update(model)
-        loss_meter.update(loss_value, images.shape[0])
-        meter.step(images.shape[0] * world_size)
-        lr = optimizer.param_groups[0]["lr"]
-        if it % print_freq == 0 or it + 1 == num_iters or log.live:
-            state = methods.progress()
-            log.progress(f"Epoch [{epoch + 1}/{num_epochs}] [{it + 1}/{num_iters}] eta {format_seconds(meter.eta(it + 1))} "
-                         f"loss {loss_value:.4f} ({loss_meter.avg:.4f}) lr {lr:.3e} {meter.rate():.1f} img/s"
-                         + (f" {state}" if state else ""), final=it + 1 == num_iters)
-        if it % print_freq == 0:
-            log.scalar("iter/loss", loss_value, global_step + it)
-            log.scalar("iter/lr", lr, global_step + it)
-        t_data = time.perf_counter()
-    total, count = all_reduce_sum([loss_meter.total, loss_meter.count], device)
+    try:
+        for it, batch in enumerate(batches, start=start_step):
+            data_time += time.perf_counter() - t_data
+            if methods.per_step:
+                methods.on_step(Clock(epoch, it, global_step + it, iters_per_epoch or num_iters, num_epochs))
+            *data, indices = batch
+            skipped += loader.batch_size - len(indices)       # images left out (skip_bad_images)
+            images = data[0].to(device, non_blocking=True)
+            # (images, class) or, with token labels, (images, class, label map): the criterion gets the rest as targets
+            targets = to_device(data[1] if len(data) == 2 else tuple(data[1:]), device)
+            labels = targets if torch.is_tensor(targets) else targets[0]
+            if mixup_fn is not None:
+                images, targets = mixup_fn(images, targets)
+            update = (it + 1) % accum_steps == 0 or it + 1 == num_iters
+            sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            with sync_ctx:
+                with autocast(device, amp_dtype):
+                    outputs = model(images)
+                    loss = criterion(images, outputs, targets)
+                loss_value = loss.item()      # a host sync per step, as in DeiT: it is what catches a NaN at once
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} iteration {it}: stopping; the last "
+                                             f"checkpoint was written before this epoch and is intact")
+                scaled = loss / accum_steps
+                if scaler is not None:
+                    scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            if methods.observers:
+                methods.observe(ExampleBatch(indices, _class_logits(outputs).detach().float(), labels, targets))
+            if update:
+                if scaler is not None:
+                    if clip_grad is not None:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    if clip_grad is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if model_ema is not None:
+                    model_ema.update(model)
+            loss_meter.update(loss_value, images.shape[0])
+            meter.step(images.shape[0] * world_size)
+            lr = optimizer.param_groups[0]["lr"]
+            if it % print_freq == 0 or it + 1 == num_iters or log.live:
+                state = methods.progress()
+                log.progress(f"Epoch [{epoch + 1}/{num_epochs}] [{it + 1}/{num_iters}] eta {format_seconds(meter.eta(it + 1))} "
+                             f"loss {loss_value:.4f} ({loss_meter.avg:.4f}) lr {lr:.3e} {meter.rate():.1f} img/s"
+                             + (f" {state}" if state else ""), final=it + 1 == num_iters)
+            if it % print_freq == 0:
+                log.scalar("iter/loss", loss_value, global_step + it)
+                log.scalar("iter/lr", lr, global_step + it)
+            if update and it + 1 < num_iters and should_stop is not None and should_stop():
+                stopped_at = it + 1
+                break
+            t_data = time.perf_counter()
+    finally:         # loader workers ignore SIGINT/SIGTERM: stop them here, also when the epoch ends early
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    progress = {"loss_sum": loss_meter.sum, "loss_count": loss_meter.count, "images": meter.images,
+                "seconds": meter.elapsed(), "data_seconds": data_time, "skipped": skipped}
+    if stopped_at is not None:
+        return {"stopped_at": stopped_at, "iters": stopped_at, "progress": progress}
+    total, count, skipped = all_reduce_sum([loss_meter.sum, loss_meter.count, skipped], device)
     return {"loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"], "images_per_s": meter.rate(),
-            "epoch_seconds": meter.elapsed(), "data_seconds": data_time, "iters": num_iters}
+            "epoch_seconds": meter.elapsed(), "data_seconds": data_time, "iters": num_iters,
+            "skipped_images": int(skipped)}
 
 
 @torch.no_grad()

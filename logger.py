@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 def format_seconds(s: float) -> str:
@@ -21,23 +21,30 @@ def format_seconds(s: float) -> str:
 
 
 class RunLogger:
-    """Console, ``log.jsonl`` and TensorBoard for one run directory."""
+    """Console, ``log.jsonl`` and TensorBoard for one run directory.
 
-    def __init__(self, output_dir: Optional[str], enabled: bool = True, tensorboard: bool = True,
-                 stream=None):
+    It starts on the console only; :meth:`open_files` attaches the run directory once the run holds its lock, so a
+    mistake found before training writes nothing. Each epoch record is flushed and ``fsync``-ed before the epoch's
+    checkpoint is written; on resume, :func:`trim_log` drops the records a checkpoint does not cover.
+    """
+
+    def __init__(self, enabled: bool = True, stream=None):
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self.live = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.output_dir = output_dir
+        self.output_dir: Optional[str] = None
         self.jsonl = None
         self.tb = None
-        if enabled and output_dir:
-            os.makedirs(output_dir, exist_ok=True)
-            self.jsonl = open(os.path.join(output_dir, "log.jsonl"), "a")
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         self._live_open = False
+
+    def open_files(self, output_dir: str, tensorboard: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.output_dir = output_dir
+        self.jsonl = open(os.path.join(output_dir, "log.jsonl"), "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def info(self, msg: str) -> None:
         if not self.enabled:
@@ -66,6 +73,7 @@ class RunLogger:
         if self.jsonl:
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
+            os.fsync(self.jsonl.fileno())
         if self.tb:
             step = record["epoch"]
             for k, v in record.items():
@@ -78,44 +86,72 @@ class RunLogger:
             self.tb.add_scalar(name, value, step)
 
     def close(self) -> None:
+        self._end_live()
         if self.jsonl:
             self.jsonl.close()
+            self.jsonl = None
         if self.tb:
             self.tb.close()
+            self.tb = None
 
 
-class Meter:
-    """Running average of a scalar, weighted by batch size."""
+def read_log(path: str) -> List[Dict[str, Any]]:
+    """The epoch records of a ``log.jsonl`` (a line cut short by a kill is skipped)."""
+    records = []
+    if not os.path.isfile(path):
+        return records
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "epoch" in rec:
+                records.append(rec)
+    return records
 
-    def __init__(self):
-        self.total = 0.0
-        self.count = 0
 
-    def update(self, value: float, n: int = 1) -> None:
-        self.total += value * n
-        self.count += n
+def trim_log(path: str, next_epoch: int) -> int:
+    """Keep one record per epoch before ``next_epoch`` (the first epoch a resumed run trains), in order; drop the
+    records a kill left after the checkpoint, duplicates and cut-off lines. Returns how many lines were dropped."""
+    from checkpoint import write_text
 
-    @property
-    def avg(self) -> float:
-        return self.total / max(self.count, 1)
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept: Dict[int, Dict[str, Any]] = {}
+    for rec in read_log(path):
+        if rec["epoch"] < next_epoch:
+            kept[rec["epoch"]] = rec              # a later record of the same epoch is the one a checkpoint covers
+    out = [json.dumps(kept[e]) for e in sorted(kept)]
+    dropped = len([ln for ln in lines if ln.strip()]) - len(out)
+    if dropped:
+        write_text(path, "".join(line + "\n" for line in out))
+    return dropped
 
 
 class Throughput:
-    """Images per second and ETA over an epoch, measured from the first iteration's end."""
+    """Images per second and ETA over an epoch. A resumed epoch passes what its first part did (iterations, images,
+    seconds), so the epoch's figures cover all of it."""
 
-    def __init__(self, total_iters: int):
+    def __init__(self, total_iters: int, done_iters: int = 0, images: int = 0, seconds: float = 0.0):
         self.total = total_iters
+        self.done_before = done_iters
+        self.images = images
+        self.seconds_before = seconds
         self.start = time.perf_counter()
-        self.images = 0
 
     def step(self, images: int) -> None:
         self.images += images
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return self.seconds_before + time.perf_counter() - self.start
 
     def rate(self) -> float:
         return self.images / max(self.elapsed(), 1e-9)
 
     def eta(self, done: int) -> float:
-        return self.elapsed() / max(done, 1) * (self.total - done)
+        """Seconds left after ``done`` of the epoch's iterations, at this session's pace."""
+        ran = done - self.done_before
+        return (time.perf_counter() - self.start) / max(ran, 1) * (self.total - done)

@@ -2,57 +2,153 @@
 
     python main.py --config configs/demo.yaml
     torchrun --nproc_per_node=8 main.py --config configs/deit_s_toe.yaml --data_path /data/imagenet
-    python main.py --config configs/deit_s.yaml --eval true --resume runs/deit_s/best.pth
+    python main.py --config configs/deit_s.yaml --eval --resume runs/deit_s/best.pth
 
 Every ``--key value`` after the config overrides that key (``--toe.keep_rates [0.4,0.7,1.0]``, ``--toe none``,
-``--methods [pss]``).
+``--methods [pss]``); ``python main.py --help`` lists them all.
+
+A run is checked completely (config, data, model, checkpoints, output directory) before it writes anything. It
+takes a lock on ``output_dir`` and never overwrites another run there unless ``--overwrite`` is given. SIGTERM and
+SIGINT save a checkpoint of the current iteration; ``--resume auto`` continues from it inside the epoch, with the
+weights an uninterrupted run would have.
+
+Exit codes:
+    0    training finished (or there was nothing left to train), or the evaluation ran
+    1    a run-time failure, reported in one line: data, checkpoint, output directory, full disk, a non-finite loss,
+         another process of the run that failed
+    2    a mistake in the config or on the command line, reported in one line before anything is written
+    3    stopped by SIGTERM or SIGINT: checkpoint.pth holds the current iteration; continue with --resume auto
+    130, 143  (128 + the signal) stopped by SIGINT / SIGTERM before training began, or by a second signal while
+         stopping: nothing new was saved, the previous checkpoint is intact
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
+import threading
 import time
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint as ckpt_io
-from config import Config, ConfigError, load_config, save_config
+from checkpoint import CheckpointError, ResumeState, RunDirError, first_line
+from config import Config, ConfigError, help_text, load_config, save_config
 from datasets import DatasetError, build_loaders, check_num_classes
-from distributed import DistInfo, barrier, cleanup, init_distributed, seed_all
-from engine import AMP_DTYPES, DistillationLoss, NonFiniteLossError, evaluate, train_one_epoch
-from logger import RunLogger, format_seconds
+from distributed import (DeviceError, DistInfo, any_rank, barrier, cleanup, gather_to_all, init_distributed, rng_state,
+                         seed_all, set_rng_state)
+from engine import AmpError, DistillationLoss, NonFiniteLossError, evaluate, resolve_amp, train_one_epoch
+from logger import RunLogger, format_seconds, trim_log
 from methods import Clock, MethodError, MethodSet
 from models import create_model
 from token_labels import TokenLabelError
 
-def parse_args(argv: List[str]) -> Config:
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3
+CONFIG_ERRORS = (ConfigError, MethodError, DeviceError, AmpError)
+RUN_ERRORS = (DatasetError, TokenLabelError, CheckpointError, RunDirError, NonFiniteLossError)
+SCHEDULE_KEYS = ("lr", "epochs", "warmup_epochs", "min_lr", "warmup_lr", "sched", "decay_epochs", "decay_rate",
+                 "lr_base_batch", "unscale_lr", "batch_size", "grad_accum_steps")
+USAGE = """usage: python main.py --config FILE [--KEY VALUE ...] [--overwrite]
+       torchrun --nproc_per_node=N main.py --config FILE [--KEY VALUE ...]
+
+Train (or, with --eval, evaluate) a timm ViT with the DeiT recipe; see README.md. Exit codes: 0 done, 1 run-time
+error, 2 config error, 3 stopped by SIGTERM/SIGINT with the current iteration saved (continue with --resume auto).
+
+command-line switches (not config keys, never saved in the run's config):
+  --config FILE   the YAML recipe (may inherit another with base: other.yaml)
+  --overwrite     replace the run that output_dir already holds (its checkpoints, log and config are removed)
+  -h, --help      this page"""
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after saving the current iteration (exit 3)."""
+
+
+class Abort(BaseException):
+    """A signal before training began, or a second one while stopping: leave at once (exit 128 + signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class PeerStopped(Exception):
+    """Another rank found a mistake and reports it; this rank leaves quietly (exit 1)."""
+
+
+# ------------------------------------------------------------------------------------------------ signals
+class StopSignals:
+    """SIGTERM / SIGINT handlers for the life of :func:`main`.
+
+    Once training runs (``armed``), the first signal only records a request: the trainer saves a checkpoint of the
+    current iteration and exits 3. Before that, and on a second signal, :class:`Abort` is raised at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.armed = False
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:       # e.g. SIGINT of a `cmd &` in a script
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.armed and self.signum is None:
+            self.signum = signum
+            return
+        raise Abort(signum)
+
+    def requested(self, device: torch.device) -> bool:
+        """Whether any rank got a signal (a collective: every rank asks at the same iteration)."""
+        return any_rank(self.signum is not None, device)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal on another process"
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def parse_args(argv: List[str]) -> Tuple[Config, bool]:
+    """``--config FILE``, the ``--overwrite`` switch, and the config keys; ``--help`` prints every key and exits."""
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\nAll keys, their defaults and meaning: see config.py and README.md (Config reference).")
-        sys.exit(0)
-    path = None
-    rest = list(argv)
-    for i, a in enumerate(rest):
-        if a == "--config" and i + 1 < len(rest):
-            path = rest[i + 1]
-            del rest[i:i + 2]
-            break
+        print(help_text(USAGE))
+        sys.exit(EXIT_OK)
+    rest, path, overwrite = [], None, False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file: --config configs/demo.yaml")
+            path, i = argv[i + 1], i + 2
+            continue
         if a.startswith("--config="):
             path = a.split("=", 1)[1]
-            del rest[i]
-            break
-    return load_config(path, rest)
-
-
-def resolve_amp(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    if cfg.amp == "none" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda":
-        raise ConfigError(f"amp: '{cfg.amp}' needs a GPU; mixed precision is off on CPU (use amp: auto or none)")
-    return torch.bfloat16 if cfg.amp == "auto" else AMP_DTYPES[cfg.amp]
+        elif a == "--overwrite":
+            overwrite = True
+        else:
+            rest.append(a)
+        i += 1
+    cfg = load_config(path, rest)
+    if overwrite and cfg.resume:
+        raise ConfigError("--overwrite replaces the run in output_dir, --resume continues it: give one of them")
+    return cfg, overwrite
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
@@ -60,6 +156,135 @@ def scaled_lr(cfg: Config, world_size: int) -> float:
     if cfg.unscale_lr:
         return cfg.lr
     return cfg.lr * cfg.batch_size * world_size * cfg.grad_accum_steps / cfg.lr_base_batch
+
+
+# ------------------------------------------------------------------------------------------------ building a run
+@dataclass
+class Position:
+    """Where training continues: an epoch, the iterations of it already trained, the global iteration counter."""
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+
+
+@dataclass
+class Run:
+    """Everything a run is made of, built before anything is written."""
+    cfg: Config
+    dist: DistInfo
+    log: RunLogger
+    amp_dtype: Optional[torch.dtype] = None
+    train_loader: Any = None
+    val_loader: Any = None
+    nb_classes: int = 0
+    methods: MethodSet = None
+    model: nn.Module = None                   # the bare model (what is saved)
+    ddp_model: nn.Module = None               # DDP-wrapped (or the bare model on one process)
+    train_model: nn.Module = None             # what training calls (compiled when asked)
+    model_ema: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    criterion: Any = None
+    mixup_fn: Any = None
+    lr: float = 0.0
+    n_params: int = 0
+    resume: Optional[ResumeState] = None
+    ema_loaded: bool = False
+    start: Position = field(default_factory=Position)
+    best: Dict[str, Any] = field(default_factory=dict)
+    iters_per_epoch: Optional[int] = None
+
+
+def on_main(dist: DistInfo, fn) -> None:
+    """Run ``fn`` on rank 0 only; a one-line error there stops every rank (the others quietly)."""
+    err = None
+    if dist.is_main:
+        try:
+            fn()
+        except (*CONFIG_ERRORS, *RUN_ERRORS) as e:
+            err = e
+    if any_rank(err is not None, dist.device):
+        raise err if err is not None else PeerStopped()
+
+
+def check_output(cfg: Config, dist: DistInfo, overwrite: bool) -> None:
+    """Read-only checks of ``output_dir``: a directory (or creatable), not another run's (unless resuming or
+    ``--overwrite``), not locked by a live run."""
+    def check():
+        ckpt_io.check_output_dir(cfg.output_dir)
+        if cfg.eval:
+            return
+        ckpt_io.refuse_existing_run(cfg.output_dir, resuming=bool(cfg.resume), overwrite=overwrite)
+        holder = ckpt_io.lock_holder(cfg.output_dir)
+        if holder:
+            raise RunDirError(f"output_dir: {cfg.output_dir} is in use by another run ({holder}); wait for it to "
+                              f"end, stop it, or pick another --output_dir")
+    on_main(dist, check)
+
+
+def load_resume(cfg: Config) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """The checkpoint ``resume`` names (``auto``: output_dir/checkpoint.pth when present), read and checked."""
+    path = ckpt_io.resume_path(cfg.resume, cfg.output_dir)
+    if path is None:
+        if cfg.eval and not cfg.finetune:
+            raise ConfigError(f"eval: --resume {cfg.resume or '(empty)'} found no checkpoint in {cfg.output_dir}; "
+                              f"point --resume at a checkpoint file (e.g. {cfg.output_dir}/best.pth)")
+        return None, None
+    return path, ckpt_io.load_checkpoint(path, "resume")
+
+
+def build_model(cfg: Config, nb_classes: int, methods: MethodSet) -> nn.Module:
+    """The timm ViT, patched by the methods; a model timm cannot build from the config is one line naming the key."""
+    try:
+        model = create_model(cfg, nb_classes, methods)
+    except (MethodError, ConfigError):
+        raise
+    except TypeError as e:
+        m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
+        if m and m.group(2) in cfg.model_kwargs:
+            raise ConfigError(f"model_kwargs: '{m.group(2)}' is not an argument of {cfg.model} ({m.group(1)})"
+                              f"{_close_arguments(cfg.model, m.group(1), m.group(2))}") from None
+        if m:
+            raise ConfigError(f"model: {cfg.model} is not a ViT ({m.group(1)} takes no '{m.group(2)}'); this trainer "
+                              f"takes timm Vision Transformers such as deit_small_patch16_224, vit_*, lvvit_*") from None
+        raise ConfigError(f"model_kwargs: {cfg.model} cannot be built with {cfg.model_kwargs}: {first_line(e)}") from None
+    except (ValueError, AssertionError, RuntimeError) as e:
+        if not cfg.model_kwargs:
+            raise
+        raise ConfigError(f"model_kwargs: {cfg.model} cannot be built with {cfg.model_kwargs}: "
+                          f"{type(e).__name__}: {first_line(e)}") from None
+    if not (hasattr(model, "patch_embed") and hasattr(model, "blocks")):
+        raise ConfigError(f"model: {cfg.model} is not a ViT ({type(model).__name__} has no patch_embed and blocks); this "
+                          f"trainer takes timm Vision Transformers such as deit_small_patch16_224, vit_*, lvvit_*")
+    return model
+
+
+def _close_arguments(model_name: str, class_name: str, key: str) -> str:
+    """``; did you mean 'x'?`` from the model class's constructor arguments."""
+    import difflib
+    import inspect
+
+    import timm
+    module = sys.modules.get(getattr(timm.models.model_entrypoint(model_name), "__module__", ""), None)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        return ""
+    names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    close = difflib.get_close_matches(key, names, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; it takes {', '.join(names[:12])}, ..."
+
+
+def check_model(cfg: Config, model: nn.Module) -> None:
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if cfg.token_label is not None and grid is not None and tuple(grid) != (cfg.token_label.size,) * 2:
+        raise ConfigError(f"token_label.size: {cfg.token_label.size} does not match the model's {tuple(grid)} token grid "
+                          f"at input_size {cfg.input_size}; set it to input_size / patch size")
+    if cfg.distillation_type != "none":
+        if not hasattr(model, "set_distilled_training"):
+            raise ConfigError(f"distillation_type: '{cfg.distillation_type}' needs a distilled model "
+                              f"(e.g. deit_small_distilled_patch16_224), not {cfg.model}")
+        model.set_distilled_training(True)
 
 
 def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
@@ -86,191 +311,444 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
     if cfg.distillation_type != "none":
         import timm
         teacher = timm.create_model(cfg.teacher_model, pretrained=False, num_classes=nb_classes, **cfg.teacher_kwargs)
-        ckpt_io.load_weights_strict(teacher, ckpt_io.model_state(ckpt_io.load_checkpoint(cfg.teacher_path)),
+        ckpt_io.load_weights_strict(teacher, ckpt_io.model_state(ckpt_io.load_checkpoint(cfg.teacher_path, "teacher_path")),
                                     f"teacher_path {cfg.teacher_path}")
         teacher.to(device).eval()
     return DistillationLoss(base, teacher, cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau), mixup_fn
 
 
-def run(cfg: Config, dist: DistInfo) -> dict:
-    device = dist.device
-    amp_dtype = resolve_amp(cfg, device)
-    out = cfg.output_dir
-    log = RunLogger(out, enabled=dist.is_main, tensorboard=cfg.tensorboard)
-    if dist.is_main:
-        save_config(cfg, os.path.join(out, "config.yaml"))
-    seed_all(cfg.seed + dist.rank)
-
-    train_loader, val_loader, nb_classes = build_loaders(cfg, dist.rank, dist.world_size, cfg.seed)
-    check_num_classes(cfg.nb_classes, nb_classes)
-    methods = MethodSet.from_config(cfg)
-    model = create_model(cfg, nb_classes, methods)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if cfg.token_label is not None and grid is not None and tuple(grid) != (cfg.token_label.size,) * 2:
-        raise ConfigError(f"token_label.size: {cfg.token_label.size} does not match the model's {tuple(grid)} token grid "
-                          f"at input_size {cfg.input_size}; set it to input_size / patch size")
-    if cfg.distillation_type != "none":
-        if not hasattr(model, "set_distilled_training"):
-            raise ConfigError(f"distillation_type: '{cfg.distillation_type}' needs a distilled model "
-                              f"(e.g. deit_small_distilled_patch16_224), not {cfg.model}")
-        model.set_distilled_training(True)
-    if cfg.finetune:
-        report = ckpt_io.adapt_for_finetune(model, ckpt_io.model_state(ckpt_io.load_checkpoint(cfg.finetune)),
-                                            f"finetune {cfg.finetune}")
-        log.info(f"fine-tuning from {cfg.finetune}: dropped {report['dropped'] or 'nothing'}, "
-                 f"resampled {report['resampled'] or 'nothing'}")
-    model.to(device)
-    model_ema = None
-    if cfg.model_ema:
-        from timm.utils import ModelEmaV3
-        model_ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
-    methods.attach([model, model_ema.module if model_ema is not None else None])
-    model_without_ddp = model
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    lr = scaled_lr(cfg, dist.world_size)
+def build_optimizer(r: Run) -> None:
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
+
+    cfg = r.cfg
+    r.lr = scaled_lr(cfg, r.dist.world_size)
     opt_kwargs = {"momentum": cfg.momentum} if cfg.opt == "sgd" else {"eps": cfg.opt_eps}
     if cfg.opt_betas is not None:
         opt_kwargs["betas"] = tuple(cfg.opt_betas)
-    optimizer = create_optimizer_v2(model_without_ddp, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
-                                    layer_decay=cfg.layer_decay, **opt_kwargs)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
-                                       decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
-                                       warmup_epochs=cfg.warmup_epochs, cooldown_epochs=0)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    criterion, mixup_fn = build_criterion(cfg, nb_classes, device)
+    r.optimizer = create_optimizer_v2(r.model, opt=cfg.opt, lr=r.lr, weight_decay=cfg.weight_decay,
+                                      layer_decay=cfg.layer_decay, **opt_kwargs)
+    # the schedule is always built from the resolved config (also on resume: a new --lr or --epochs takes effect)
+    r.scheduler, _ = create_scheduler_v2(r.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
+                                         decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
+                                         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cooldown_epochs=0)
+    r.scaler = torch.amp.GradScaler("cuda") if r.amp_dtype == torch.float16 else None
 
-    start_epoch, best, global_step = 0, {"acc1": -1.0, "epoch": -1, "on": cfg.best_on}, 0
-    resume, ema_loaded = ckpt_io.resume_path(cfg.resume, out), False
-    if resume:
-        state = ckpt_io.load_checkpoint(resume)
-        ckpt_io.load_weights_strict(model_without_ddp, ckpt_io.model_state(state), f"resume {resume}")
-        if model_ema is not None and isinstance(state.get("model_ema"), dict):
-            ckpt_io.load_weights_strict(model_ema.module, state["model_ema"], f"resume {resume} (EMA)")
-            ema_loaded = True
-        if not cfg.eval and "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["lr_scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start_epoch = int(state["epoch"]) + 1
-            best = state.get("best", best)
-            global_step = int(state.get("global_step", start_epoch * len(train_loader)))
-            methods.load_state_dict(state.get("methods") or {})
-        log.info(f"resumed from {resume} (epoch {state.get('epoch')})")
 
-    if dist.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = torch.compile(model) if cfg.compile else model
+def restore(r: Run, path: str, ckpt: Dict[str, Any]) -> None:
+    """Continue from a checkpoint: weights, optimizer state (unless ``resume_optimizer: false``, with the config's
+    hyper-parameters), scaler, position, best record; one line per config key that changed since it was written."""
+    cfg, log = r.cfg, r.log
+    rs = ckpt_io.resume_state(ckpt, path)
+    ckpt_io.load_weights_strict(r.model, ckpt_io.model_state(ckpt), f"resume {path}")
+    if cfg.resume_optimizer:
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in r.optimizer.param_groups]
+        try:
+            r.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"resume: the optimizer state in {path} does not fit this model's parameter groups "
+                                  f"({first_line(e)}); resume with --resume_optimizer false to start it afresh") from None
+        for group, hyper in zip(r.optimizer.param_groups, fresh):
+            group.update(hyper)                  # lr, weight decay, betas ... come from the config
+    else:
+        log.info("resume: resume_optimizer is false: the optimizer's moments start afresh")
+    if r.scaler is not None and ckpt.get("scaler"):
+        r.scaler.load_state_dict(ckpt["scaler"])
+    r.start = Position(rs.next_epoch, rs.step, rs.global_step if rs.global_step is not None
+                       else rs.next_epoch * len(r.train_loader))
+    r.best = ckpt.get("best") or r.best
+    r.iters_per_epoch = (ckpt.get("clock") or {}).get("iters_per_epoch")
+    r.resume = rs
+    if rs.mid_epoch:
+        check_mid_epoch(r, rs)
+    where = f"epoch {rs.next_epoch + 1}" + (f", iteration {rs.step + 1}" if rs.step else "")
+    log.info(f"resumed from {path}: continuing at {where}")
+    if rs.timm_format:
+        log.info(f"resume: {path} has no lr scheduler state (timm's format); the schedule is rebuilt from this config")
+    old = _flatten(ckpt.get("config") or {})
+    new = _flatten(cfg.to_dict())
+    for key in sorted(set(old) | set(new)):
+        if key in ("resume", "eval", "resume_optimizer") or old.get(key) == new.get(key) or not old:
+            continue
+        note = " (the lr schedule is rebuilt with it)" if key in SCHEDULE_KEYS else ""
+        log.info(f"resume: {key} changed from {old.get(key)!r} to {new.get(key)!r}{note}")
 
-    if cfg.eval:
-        stats = {"model": evaluate(model, val_loader, device, amp_dtype)}
-        if ema_loaded:
-            stats["ema"] = evaluate(model_ema.module, val_loader, device, amp_dtype)
-        for who, s in stats.items():
-            log.info(f"eval {who}: top-1 {s['acc1']:.2f}  top-5 {s['acc5']:.2f}  loss {s['loss']:.4f}  on {s['count']} images")
-        log.close()
-        return stats
 
-    log.info(f"model {cfg.model}: {n_params / 1e6:.2f}M params, {nb_classes} classes, input {cfg.input_size}px | "
-             f"world {dist.world_size} x batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | lr {lr:.3e} | "
-             f"amp {amp_dtype or 'off'} | methods: {methods.describe()}")
-    scheduler.step(start_epoch)
-    iters_per_epoch = None         # the period of per-iteration schedules: this process's first epoch's length
-    eval_variants = methods.eval_variants()
+def check_mid_epoch(r: Run, rs: ResumeState) -> None:
+    """A checkpoint taken inside an epoch continues only where its batches mean the same thing."""
+    mid, cfg = rs.mid_epoch, r.cfg
+    sampler = r.train_loader.sampler
+    now = {"world_size": r.dist.world_size, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps}
+    diff = [f"{k} {mid.get(k)} -> {v}" for k, v in now.items() if mid.get(k) != v]
+    if not diff:
+        mine = mid["ranks"][r.dist.rank]
+        sampler.set_epoch(rs.next_epoch)
+        sampler.set_indices(None if mine["subset"] is None else mine["subset"].tolist())
+        if len(sampler) != mine["sampler_len"]:
+            diff.append(f"training samples per process {mine['sampler_len']} -> {len(sampler)}")
+    if diff:
+        raise CheckpointError(f"resume: {rs.path} stopped inside epoch {rs.next_epoch + 1} at iteration {rs.step}; "
+                              f"that position needs the same {', '.join(diff)}: resume with the old values")
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("model_kwargs", "teacher_kwargs"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def wrap(r: Run, ckpt: Optional[Dict[str, Any]], path: Optional[str]) -> None:
+    """DDP (which makes every rank's weights rank 0's), then the EMA from those synchronised weights, then the
+    methods see every model that carries their patch."""
+    cfg = r.cfg
+    r.ddp_model = r.model
+    if r.dist.distributed:
+        dev = r.dist.device
+        r.ddp_model = DistributedDataParallel(r.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+        r.model_ema = ModelEmaV3(r.model, decay=cfg.model_ema_decay)
+        ema = ckpt_io.ema_state(ckpt) if ckpt is not None else None
+        if ema is not None:
+            ckpt_io.load_weights_strict(r.model_ema.module, ema, f"resume {path} (EMA)")
+            r.ema_loaded = True
+    r.methods.attach([r.model, r.model_ema.module if r.model_ema is not None else None])
+    r.train_model = torch.compile(r.ddp_model) if cfg.compile else r.ddp_model
+
+
+def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
+    """Every part of the run, in the order that lets each mistake stop it before anything is written."""
+    r = Run(cfg, dist, log, best={"acc1": -1.0, "epoch": -1, "on": cfg.best_on})
+    r.amp_dtype = resolve_amp(cfg.amp, dist.device)
+    resume_file, ckpt = load_resume(cfg)
+    seed_all(cfg.seed + dist.rank)
+    r.train_loader, r.val_loader, nb_classes = build_loaders(cfg, dist.rank, dist.world_size, cfg.seed)
+    r.nb_classes = check_num_classes(cfg.nb_classes, nb_classes)
+    r.methods = MethodSet.from_config(cfg)
+    r.model = build_model(cfg, r.nb_classes, r.methods)
+    check_model(cfg, r.model)
+    if cfg.finetune:
+        report = ckpt_io.adapt_for_finetune(r.model, ckpt_io.model_state(ckpt_io.load_checkpoint(cfg.finetune, "finetune")),
+                                            f"finetune {cfg.finetune}")
+        log.info(f"fine-tuning from {cfg.finetune}: dropped {report['dropped'] or 'nothing'}, "
+                 f"resampled {report['resampled'] or 'nothing'}")
+    r.model.to(dist.device)
+    r.n_params = sum(p.numel() for p in r.model.parameters() if p.requires_grad)
+    build_optimizer(r)
+    r.criterion, r.mixup_fn = build_criterion(cfg, r.nb_classes, dist.device)
+    if ckpt is not None:
+        if cfg.eval:
+            ckpt_io.load_weights_strict(r.model, ckpt_io.model_state(ckpt), f"resume {resume_file}")
+        else:
+            restore(r, resume_file, ckpt)
+    wrap(r, ckpt, resume_file)
+    if r.resume is not None and not r.resume.mid_epoch:        # a mid-epoch state loads at that epoch's start
+        r.methods.load_state_dict(ckpt.get("methods") or {})
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ evaluation only
+def evaluate_only(r: Run) -> Dict[str, Any]:
+    """Score the weights (and their EMA); print them and write ``eval.json`` (the run's config.yaml is left alone)."""
+    cfg, dev = r.cfg, r.dist.device
+    stats = {"model": evaluate(r.ddp_model, r.val_loader, dev, r.amp_dtype)}
+    if r.ema_loaded:
+        stats["ema"] = evaluate(r.model_ema.module, r.val_loader, dev, r.amp_dtype)
+    for who, s in stats.items():
+        r.log.info(f"eval {who}: top-1 {s['acc1']:.2f}  top-5 {s['acc5']:.2f}  loss {s['loss']:.4f}  on {s['count']} images")
+    if r.dist.is_main:
+        out = {"weights": ckpt_io.resume_path(cfg.resume, cfg.output_dir) or cfg.finetune, **stats,
+               "config": cfg.to_dict()}
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        ckpt_io.write_text(os.path.join(cfg.output_dir, "eval.json"), json.dumps(out, indent=1))
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ the run directory
+def open_run_dir(r: Run, overwrite: bool) -> Optional[ckpt_io.RunLock]:
+    """Rank 0 takes the lock, removes the old run (``--overwrite``), repairs what a kill can leave (best.pth, log
+    records after the checkpoint), writes config.yaml and opens the log files."""
+    cfg, out = r.cfg, r.cfg.output_dir
+    holder: List[ckpt_io.RunLock] = []
+
+    def open_dir():
+        holder.append(ckpt_io.RunLock(out).acquire())
+        try:
+            prepare()
+        except OSError as e:
+            raise RunDirError(f"output_dir: cannot write in {out} ({e.strerror or first_line(e)}); free space or "
+                              f"pick another --output_dir") from None
+
+    def prepare():
+        if overwrite and ckpt_io.run_files(out):
+            ckpt_io.clear_run(out)
+            r.log.info(f"--overwrite: removed the previous run's outputs in {out}")
+        own = os.path.join(out, "checkpoint.pth")
+        if r.resume is not None and os.path.isfile(own) and os.path.samefile(r.resume.path, own):
+            if ckpt_io.reconcile_best(own, os.path.join(out, "best.pth"), r.resume.ckpt):
+                r.log.info("best.pth: relinked to checkpoint.pth, which records itself as the best epoch")
+        dropped = trim_log(os.path.join(out, "log.jsonl"), r.start.epoch)
+        if dropped:
+            r.log.info(f"log.jsonl: dropped {dropped} record(s) of epochs the checkpoint does not cover")
+        save_config(cfg, os.path.join(out, "config.yaml"))
+        r.log.open_files(out, cfg.tensorboard)
+
+    try:
+        on_main(r.dist, open_dir)
+    except BaseException:
+        for lock in holder:
+            lock.release()
+        raise
+    return holder[0] if holder else None
+
+
+# ------------------------------------------------------------------------------------------------ training
+def begin_epoch(r: Run, epoch: int, global_step: int) -> Tuple[Optional[list], int, Dict[str, Any]]:
+    """Seeds, sampler and methods for ``epoch``; a resumed epoch takes its subset, methods state and start position
+    from the checkpoint. Returns the subset, the iterations already trained and the engine's resume arguments."""
+    cfg, sampler, methods = r.cfg, r.train_loader.sampler, r.methods
+    # reseed per epoch so a resumed run draws what an uninterrupted one does
+    seed_all(cfg.seed + r.dist.rank + 1_000_003 * (epoch + 1))
+    sampler.set_epoch(epoch)
+    mid = r.resume.mid_epoch if r.resume is not None and epoch == r.start.epoch and r.start.step else None
+    if mid is None:
+        subset = methods.train_indices(epoch, len(r.train_loader.dataset))
+        sampler.set_indices(subset)
+        r.iters_per_epoch = r.iters_per_epoch or len(r.train_loader)
+        methods.on_epoch(Clock(epoch, 0, global_step, r.iters_per_epoch, cfg.epochs))
+        return subset, 0, {}
+    mine = mid["ranks"][r.dist.rank]
+    subset = None if mine.get("subset") is None else mine["subset"].tolist()
+    sampler.set_indices(subset)
+    r.iters_per_epoch = r.iters_per_epoch or len(r.train_loader)
+    step = r.start.step
+    methods.on_epoch(Clock(epoch, 0, global_step - step, r.iters_per_epoch, cfg.epochs))
+    methods.load_state_dict(r.resume.ckpt.get("methods") or {})     # the state at the stop, after the epoch's start
+    sampler.set_start(mid["position"])
+    return subset, step, {"start_step": step, "resumed": mine["progress"],
+                          "on_start": lambda: set_rng_state(mine["rng"])}
+
+
+def checkpoint_state(r: Run, last_done: int, at: Position, methods_state, mid=None) -> Dict[str, Any]:
+    return {"model": r.model.state_dict(),
+            "model_ema": r.model_ema.module.state_dict() if r.model_ema is not None else None,
+            "optimizer": r.optimizer.state_dict(), "lr_scheduler": r.scheduler.state_dict(),
+            "scaler": r.scaler.state_dict() if r.scaler is not None else None,
+            "epoch": last_done, "global_step": at.global_step,
+            "clock": {"epoch": at.epoch, "step": at.step, "global_step": at.global_step,
+                      "iters_per_epoch": r.iters_per_epoch},
+            "mid_epoch": mid, "methods": methods_state, "best": r.best, "config": r.cfg.to_dict(),
+            "version": ckpt_io.VERSION}
+
+
+def save_mid_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list], global_step: int,
+                   stop: StopSignals) -> None:
+    """The checkpoint of the current iteration: the sampler position, per rank the epoch's subset, RNG states and
+    running figures, the methods' state; then stop (exit 3)."""
+    sampler = r.train_loader.sampler
+    mine = {"rng": rng_state(), "progress": stats["progress"],        # first: nothing may draw before
+            "subset": None if subset is None else torch.tensor(subset), "sampler_len": len(sampler) + sampler.start}
+    ranks = gather_to_all(mine)
+    methods_state = r.methods.state_dict()
+    step = stats["stopped_at"]
+    path = os.path.join(r.cfg.output_dir, "checkpoint.pth")
+    if r.dist.is_main:
+        mid = {"position": step * r.cfg.batch_size, "world_size": r.dist.world_size, "batch_size": r.cfg.batch_size,
+               "grad_accum_steps": r.cfg.grad_accum_steps, "ranks": ranks}
+        state = checkpoint_state(r, epoch - 1, Position(epoch, step, global_step), methods_state, mid)
+        ckpt_io.save_checkpoint(state, path)
+    barrier()
+    raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}/{r.cfg.epochs}, iteration {step}/"
+                  f"{r.iters_per_epoch}: saved {path}; continue with --resume auto")
+
+
+def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list], global_step: int,
+              wall_start: float, stop: StopSignals) -> Tuple[Dict[str, Any], bool]:
+    """Evaluate, log the epoch (fsync), then write checkpoint.pth (on its ``save_every`` epochs, when it improved,
+    at the end and when a signal asks to stop) and, when it improved, link best.pth to it. Returns the record and
+    whether to stop."""
+    cfg, dev, log = r.cfg, r.dist.device, r.log
+    val = evaluate(r.ddp_model, r.val_loader, dev, r.amp_dtype)
+    val_ema = (evaluate(r.model_ema.module, r.val_loader, dev, r.amp_dtype)
+               if r.model_ema is not None and cfg.model_ema_eval else None)
+    val_extra = {}
+    for suffix, setting in r.methods.eval_variants().items():
+        with setting():
+            val_extra[suffix] = evaluate(r.ddp_model, r.val_loader, dev, r.amp_dtype)
+    score = (val_ema if cfg.best_on == "ema" else val)["acc1"]
+    improved = score > r.best["acc1"]
+    if improved:
+        r.best = {"acc1": score, "epoch": epoch, "on": cfg.best_on}
+    skipped = stats.pop("skipped_images", 0)
+    if cfg.skip_bad_images:
+        stats["skipped_images"] = skipped
+        val["skipped_images"] = len(r.val_loader.dataset) - val["count"]
+    record = {"epoch": epoch, **r.methods.epoch_fields(), "global_step": global_step,
+              "train_examples": len(subset) if subset is not None else len(r.train_loader.dataset),
+              **{f"train_{k}": v for k, v in stats.items()},
+              **{f"val_{k}": v for k, v in val.items()},
+              **({f"val_ema_{k}": v for k, v in val_ema.items()} if val_ema else {}),
+              **{f"val_{suffix}_{k}": v for suffix, s in val_extra.items() for k, v in s.items()},
+              "best_acc1": r.best["acc1"], "n_parameters": r.n_params, "wall_seconds": time.perf_counter() - wall_start}
+    log.log_epoch(record)
+    log.info(f"Epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f} | val top-1 {val['acc1']:.2f}"
+             + (f" | EMA top-1 {val_ema['acc1']:.2f}" if val_ema else "")
+             + "".join(f" | {suffix} top-1 {s['acc1']:.2f}" for suffix, s in val_extra.items())
+             + f" | {stats['images_per_s']:.0f} img/s | {format_seconds(stats['epoch_seconds'])}"
+             + (f" | skipped {stats['skipped_images']} unreadable images" if stats.get("skipped_images") else "")
+             + (f" | {r.methods.epoch_text()}" if r.methods.epoch_text() else ""))
+    methods_state = r.methods.state_dict()       # on every rank: a method may gather its per-rank state here
+    stopping = stop.requested(dev)
+    if r.dist.is_main and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or improved or stopping):
+        out = cfg.output_dir
+        state = checkpoint_state(r, epoch, Position(epoch + 1, 0, global_step), methods_state)
+        ckpt_io.save_checkpoint(state, os.path.join(out, "checkpoint.pth"))
+        if improved:           # after checkpoint.pth: best.pth is never newer than the best epoch it records
+            ckpt_io.link_best(os.path.join(out, "checkpoint.pth"), os.path.join(out, "best.pth"))
+    barrier()
+    return record, stopping
+
+
+def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
+    """The epoch loop, from ``r.start``; a signal ends it with a checkpoint (:class:`Stopped`)."""
+    cfg, dist, log = r.cfg, r.dist, r.log
+    log.info(f"model {cfg.model}: {r.n_params / 1e6:.2f}M params, {r.nb_classes} classes, input {cfg.input_size}px | "
+             f"world {dist.world_size} x batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | lr {r.lr:.3e} | "
+             f"amp {r.amp_dtype or 'off'} | methods: {r.methods.describe()}")
+    r.scheduler.step(r.start.epoch)
+    global_step = r.start.global_step
     wall_start = time.perf_counter()
     train_seconds, images_seen, history = 0.0, 0, []
-    for epoch in range(start_epoch, cfg.epochs):
-        # reseed per epoch so a resumed run draws the same augmentations as an uninterrupted one
-        seed_all(cfg.seed + dist.rank + 1_000_003 * (epoch + 1))
-        train_loader.sampler.set_epoch(epoch)
-        subset = methods.train_indices(epoch, len(train_loader.dataset))
-        train_loader.sampler.set_indices(subset)
-        iters_per_epoch = iters_per_epoch or len(train_loader)
-        methods.on_epoch(Clock(epoch, 0, global_step, iters_per_epoch, cfg.epochs))
-        train_stats = train_one_epoch(
-            train_model, criterion, train_loader, optimizer, device, epoch, cfg.epochs, log,
-            amp_dtype=amp_dtype, scaler=scaler, model_ema=model_ema, mixup_fn=mixup_fn, clip_grad=cfg.clip_grad,
-            accum_steps=cfg.grad_accum_steps, print_freq=cfg.print_freq, world_size=dist.world_size,
-            methods=methods, global_step=global_step, iters_per_epoch=iters_per_epoch)
-        global_step += train_stats["iters"]
-        scheduler.step(epoch + 1)
-        train_seconds += train_stats["epoch_seconds"]
-        images_seen += train_stats["iters"] * cfg.batch_size * dist.world_size
-        val = evaluate(model, val_loader, device, amp_dtype)
-        val_ema = evaluate(model_ema.module, val_loader, device, amp_dtype) if model_ema is not None and cfg.model_ema_eval else None
-        val_extra = {}
-        for suffix, setting in eval_variants.items():
-            with setting():
-                val_extra[suffix] = evaluate(model, val_loader, device, amp_dtype)
-        score = (val_ema if cfg.best_on == "ema" else val)["acc1"]
-        improved = score > best["acc1"]
-        if improved:
-            best = {"acc1": score, "epoch": epoch, "on": cfg.best_on}
-        record = {"epoch": epoch, **methods.epoch_fields(), "global_step": global_step,
-                  "train_examples": len(subset) if subset is not None else len(train_loader.dataset),
-                  **{f"train_{k}": v for k, v in train_stats.items()},
-                  **{f"val_{k}": v for k, v in val.items()},
-                  **({f"val_ema_{k}": v for k, v in val_ema.items()} if val_ema else {}),
-                  **{f"val_{suffix}_{k}": v for suffix, stats in val_extra.items() for k, v in stats.items()},
-                  "best_acc1": best["acc1"], "n_parameters": n_params, "wall_seconds": time.perf_counter() - wall_start}
-        log.log_epoch(record)
+    stop.armed = True
+    for epoch in range(r.start.epoch, cfg.epochs):
+        subset, done, resumed = begin_epoch(r, epoch, global_step)
+        epoch_start_step = global_step - done
+        stats = train_one_epoch(
+            r.train_model, r.criterion, r.train_loader, r.optimizer, dist.device, epoch, cfg.epochs, log,
+            amp_dtype=r.amp_dtype, scaler=r.scaler, model_ema=r.model_ema, mixup_fn=r.mixup_fn,
+            clip_grad=cfg.clip_grad, accum_steps=cfg.grad_accum_steps, print_freq=cfg.print_freq,
+            world_size=dist.world_size, methods=r.methods, global_step=epoch_start_step,
+            iters_per_epoch=r.iters_per_epoch, should_stop=lambda: stop.requested(dist.device), **resumed)
+        global_step = epoch_start_step + stats["iters"]
+        if "stopped_at" in stats:
+            save_mid_epoch(r, epoch, stats, subset, global_step, stop)
+        r.scheduler.step(epoch + 1)
+        train_seconds += stats["epoch_seconds"]
+        images_seen += (stats["iters"] - done) * cfg.batch_size * dist.world_size
+        record, stopping = end_epoch(r, epoch, stats, subset, global_step, wall_start, stop)
         history.append(record)
-        log.info(f"Epoch {epoch + 1}/{cfg.epochs}: train loss {train_stats['loss']:.4f} | val top-1 {val['acc1']:.2f}"
-                 + (f" | EMA top-1 {val_ema['acc1']:.2f}" if val_ema else "")
-                 + "".join(f" | {suffix} top-1 {stats['acc1']:.2f}" for suffix, stats in val_extra.items())
-                 + f" | {train_stats['images_per_s']:.0f} img/s | {format_seconds(train_stats['epoch_seconds'])}"
-                 + (f" | {methods.epoch_text()}" if methods.epoch_text() else ""))
-        methods_state = methods.state_dict()       # on every rank: a method may gather its per-rank state here
-        if dist.is_main:
-            state = {"model": model_without_ddp.state_dict(),
-                     "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-                     "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None,
-                     "epoch": epoch, "global_step": global_step, "methods": methods_state,
-                     "best": best, "config": cfg.to_dict(), "version": ckpt_io.VERSION}
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                ckpt_io.save_checkpoint(state, os.path.join(out, "checkpoint.pth"))
-            if improved:
-                ckpt_io.save_checkpoint(state, os.path.join(out, "best.pth"))
-        barrier()
+        if stopping:
+            raise Stopped(f"stopped by {stop.name} after epoch {epoch + 1}/{cfg.epochs}: saved "
+                          f"{os.path.join(cfg.output_dir, 'checkpoint.pth')}; continue with --resume auto")
+    return finish(r, history, time.perf_counter() - wall_start, train_seconds, images_seen)
 
-    wall = time.perf_counter() - wall_start
-    summary = {"final": history[-1] if history else None, "best": best, "wall_seconds": wall,
+
+def finish(r: Run, history: List[Dict[str, Any]], wall: float, train_seconds: float, images_seen: int) -> Dict[str, Any]:
+    cfg, log, out = r.cfg, r.log, r.cfg.output_dir
+    summary = {"final": history[-1] if history else None, "best": r.best, "wall_seconds": wall,
                "train_seconds": train_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
-               "methods": methods.summary(), "output_dir": os.path.abspath(out)}
-    if dist.is_main and history:
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+               "methods": r.methods.summary(), "output_dir": os.path.abspath(out)}
+    if r.dist.is_main and history:
+        ckpt_io.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
         last = history[-1]
         log.info("=" * 78)
         log.info(f"done: {len(history)} epochs in {format_seconds(wall)} ({summary['images_per_s']:.0f} train img/s)")
         log.info(f"final val top-1 {last['val_acc1']:.2f}" + (f", EMA {last['val_ema_acc1']:.2f}" if "val_ema_acc1" in last else "")
-                 + f"; best ({best['on']}) {best['acc1']:.2f} at epoch {best['epoch'] + 1}")
-        if len(methods):
-            log.info(f"methods: {methods.describe()}")
-        log.info(f"outputs: {os.path.abspath(out)} (config.yaml, log.jsonl, tensorboard/, checkpoint.pth, best.pth, summary.json)")
-    log.close()
+                 + f"; best ({r.best['on']}) {r.best['acc1']:.2f} at epoch {r.best['epoch'] + 1}")
+        if len(r.methods):
+            log.info(f"methods: {r.methods.describe()}")
+        names = [n + ("/" if os.path.isdir(os.path.join(out, n)) else "") for n in ckpt_io.RUN_FILES + ckpt_io.RUN_DIRS
+                 if os.path.exists(os.path.join(out, n))]
+        log.info(f"outputs: {os.path.abspath(out)} ({', '.join(names)})")
     return summary
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def run(cfg: Config, dist: DistInfo, overwrite: bool = False, stop: Optional[StopSignals] = None) -> Dict[str, Any]:
+    """Check everything, then (rank 0) lock and prepare the run directory, then train (or evaluate)."""
+    stop = stop or StopSignals()
+    log = RunLogger(enabled=dist.is_main)
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    dist = init_distributed(cfg.device)
-    try:
-        run(cfg, dist)
-        return 0
-    except (ConfigError, MethodError, DatasetError, TokenLabelError, ckpt_io.CheckpointError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        check_output(cfg, dist, overwrite)
+        r = build(cfg, dist, log)
+        if cfg.eval:
+            return evaluate_only(r)
+        if r.start.epoch >= cfg.epochs:
+            log.info(f"nothing to train: the checkpoint has finished {r.start.epoch} of {cfg.epochs} epochs "
+                     f"(raise --epochs to train longer)")
+            return {"final": None, "best": r.best}
+        lock = open_run_dir(r, overwrite)
+        try:
+            return train(r, stop)
+        finally:
+            log.close()
+            if lock is not None:
+                lock.release()
     finally:
-        cleanup()
+        log.close()
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def one_line(err: BaseException) -> str:
+    """The message of an error, also one re-raised from a DataLoader worker (whose message carries the worker's
+    traceback): its last line, without the exception's class path."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        m = re.match(r"^[\w.]+: (.*)$", lines[-1])
+        return m.group(1) if m else lines[-1]
+    return first_line(err)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, overwrite = parse_args(argv)
+    except CONFIG_ERRORS as e:
+        print(f"config error: {one_line(e)}", file=sys.stderr)
+        return EXIT_CONFIG
+    dist = None
+    with StopSignals() as stop:
+        try:
+            dist = init_distributed(cfg.device)
+            run(cfg, dist, overwrite, stop)
+            return EXIT_OK
+        except Stopped as e:
+            if dist is None or dist.is_main:
+                print(str(e), file=sys.stderr, flush=True)
+            return EXIT_STOPPED
+        except Abort as e:
+            name = signal.Signals(e.signum).name
+            if dist is None or dist.is_main:
+                print(f"interrupted by {name}: stopped without saving; the last checkpoint (if any) is intact",
+                      file=sys.stderr, flush=True)
+            return 128 + e.signum
+        except PeerStopped:
+            return EXIT_ERROR
+        except CONFIG_ERRORS as e:
+            if dist is None or dist.is_main:
+                print(f"config error: {one_line(e)}", file=sys.stderr)
+            return EXIT_CONFIG
+        except RUN_ERRORS as e:
+            prefix = f"[rank {dist.rank}] " if dist is not None and dist.distributed and not dist.is_main else ""
+            print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
+            return EXIT_ERROR
+        except (torch.distributed.DistError, RuntimeError) as e:
+            if dist is None or not dist.distributed or not _peer_failure(e):
+                raise
+            print(f"[rank {dist.rank}] error: another process of the run failed ({one_line(e)[:120]}); stopped "
+                  f"without saving: the last checkpoint is intact", file=sys.stderr)
+            return EXIT_ERROR
+        finally:
+            cleanup()
+
+
+def _peer_failure(err: BaseException) -> bool:
+    return isinstance(err, torch.distributed.DistError) or any(
+        s in str(err) for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,8 @@ def test_cifar_32px_keeps_deit_crop(tmp_path):
     assert type(t.transforms[1]).__name__ == "RandomCrop" and t.transforms[1].padding == 4
     ds, _ = build_dataset(cfg, is_train=False)
     raw = np.asarray(ds.data[0], dtype=np.float32) / 255.0
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    mean, std = np.array(IMAGENET_DEFAULT_MEAN), np.array(IMAGENET_DEFAULT_STD)
     expected = torch.from_numpy(((raw - mean) / std).transpose(2, 0, 1)).float()
     assert torch.allclose(ds[0][0], expected, atol=1e-5)
 
@@ -294,3 +295,46 @@ def test_shard_sampler_disjoint_and_exact(n, world):
     flat = [i for s in shards for i in s]
     assert sorted(flat) == list(range(n)) and len(set(flat)) == n
     assert all(ShardSampler(range(n), world, r).dataset_len == n for r in range(world))
+
+
+@pytest.mark.parametrize("kind", ["ra", "shuffle"])
+def test_start_position_skips_samples_and_seeds_follow_the_position(kind):
+    """A resumed epoch skips what was trained; every other sample keeps its index and its augmentation seed."""
+    from datasets import ShuffleSampler
+    data = range(100)
+    make = (lambda: RASampler(data, 2, 1, repeats=3, seed=4)) if kind == "ra" else (lambda: ShuffleSampler(data, 2, 1, seed=4))
+    s = make()
+    s.sample_seeds = True
+    s.set_epoch(3)
+    full = list(s)
+    assert all(isinstance(i, int) and isinstance(seed, int) for i, seed in full)
+    assert len({seed for _, seed in full}) == len(full)                 # repeated copies get their own seeds
+    s.set_indices(list(range(0, 100, 2)))
+    subset = list(s)
+    s.set_start(10)
+    assert list(s) == subset[10:] and len(s) == len(subset) - 10
+    s.set_epoch(4)
+    assert s.start == 0 and len(list(s)) == len(subset)
+
+
+def test_seeded_samples_repeat_and_leave_the_main_generators_alone(tmp_path):
+    import random
+    from datasets import WithIndex
+    make_folder(tmp_path)
+    ds, _ = build_dataset(make_cfg(tmp_path), is_train=True)
+    ds = WithIndex(ds)
+    torch.manual_seed(0)
+    random.seed(0)
+    before = (torch.get_rng_state(), random.getstate())
+    a, b, c = ds[(3, 11)], ds[(3, 11)], ds[(3, 12)]
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0]) and a[-1] == 3
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+
+
+def test_skipped_images_leave_the_batch(tmp_path):
+    from datasets import BadImage, SkippingCollate
+    batch = [(torch.zeros(2), 0, 5), BadImage("x.png"), (torch.ones(2), 1, 6), (torch.ones(2), 2, 7)]
+    images, labels, index = SkippingCollate(even=True)(batch)
+    assert images.shape == (2, 2) and index.tolist() == [5, 6]
+    with pytest.raises(DatasetError, match="every image of a batch is unreadable, e.g. x.png"):
+        SkippingCollate()([BadImage("x.png")])
