@@ -209,9 +209,8 @@ def finished(run_dir: str, epochs: int) -> bool:
 
 
 def launch(cfg_path: str, run_dir: str, launcher: str) -> None:
-    cmd = shlex.split(launcher) + [os.path.join(ROOT, "main.py"), "--config", cfg_path]
-    if os.path.isfile(os.path.join(run_dir, "checkpoint.pth")):
-        cmd += ["--resume", "auto"]                     # an interrupted comparison continues its runs
+    # --resume auto: an interrupted comparison continues its runs (and starts fresh where nothing was saved)
+    cmd = shlex.split(launcher) + [os.path.join(ROOT, "main.py"), "--config", cfg_path, "--resume", "auto"]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 

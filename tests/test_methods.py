@@ -79,10 +79,10 @@ class DropConfig:
 
 class Drop(Method):
     """Keeps the first ``keep`` patch tokens at the input of block 0 (a minimal token reducer)."""
-    name, label, Config = "drop", "Drop", DropConfig
+    name, label, Config = "keepfirst", "KeepFirst", DropConfig
 
     def token_site(self):
-        return TokenSite(self.section.site, what=f"drop at {self.section.site}")
+        return TokenSite(self.section.site, what=f"keepfirst at {self.section.site}")
 
     def patch(self, model):
         positions = token_positions(model)
@@ -105,7 +105,7 @@ def plugins():
     register_method(Drop)
     yield
     unregister_method("even")
-    unregister_method("drop")
+    unregister_method("keepfirst")
 
 
 @pytest.fixture(scope="module")
@@ -179,13 +179,13 @@ def test_sections_overrides_and_active_list(plugins):
 
 
 def test_token_reducers_that_conflict_are_one_config_line(plugins):
-    base = ["--drop", "{}", "--toe.insert_block", "1"]
+    base = ["--keepfirst", "{}", "--toe.insert_block", "1"]
     # Drop at the input of block 0 reorders tokens before ToE, whose seeds are raster positions of the full grid
-    with pytest.raises(ConfigError, match="toe needs the full patch grid at its input .* drop already reduces"):
-        load_config(DEMO, base + ["--methods", "[drop, toe]"])
+    with pytest.raises(ConfigError, match="toe needs the full patch grid at its input .* keepfirst already reduces"):
+        load_config(DEMO, base + ["--methods", "[keepfirst, toe]"])
     with pytest.raises(ConfigError, match="both change the tokens at the same place"):
-        load_config(DEMO, ["--drop", "{site: 1.0}", "--methods", "[toe, drop]"])
-    assert load_config(DEMO, ["--drop", "{site: 2.0}", "--methods", "[toe, drop]"]).active_methods() == ["toe", "drop"]
+        load_config(DEMO, ["--keepfirst", "{site: 1.0}", "--methods", "[toe, keepfirst]"])
+    assert load_config(DEMO, ["--keepfirst", "{site: 2.0}", "--methods", "[toe, keepfirst]"]).active_methods() == ["toe", "keepfirst"]
 
 
 def test_positions_compose_over_sites_and_restore_the_grid():
@@ -204,7 +204,7 @@ def test_positions_compose_over_sites_and_restore_the_grid():
 def test_dense_model_restores_tokens_dropped_by_any_method(plugins):
     """LV-ViT scatters tokens back to the grid from what the reducer recorded, here the test's own Drop method."""
     from models import create_model
-    cfg = build_config(dict(model="lvvit_t", input_size=64, drop_path=0.0, epochs=2, drop={"keep": 5},
+    cfg = build_config(dict(model="lvvit_t", input_size=64, drop_path=0.0, epochs=2, keepfirst={"keep": 5},
                             model_kwargs=dict(depth=2, embed_dim=32, num_heads=2, stem_chans=8)))
     model = create_model(cfg, 10)
     tokens = model.forward_features(torch.randn(2, 3, 64, 64))
@@ -214,9 +214,17 @@ def test_dense_model_restores_tokens_dropped_by_any_method(plugins):
 
 
 def test_measurement_variants_of_a_combination_multiply_their_shares(plugins):
-    cfg = load_config(DEMO, ["--drop", "{site: 3.0}", "--methods", "[toe, drop]", "--epochs", "45"])
+    cfg = load_config(DEMO, ["--keepfirst", "{site: 3.0}", "--methods", "[toe, keepfirst]", "--epochs", "45"])
     variants = MethodSet.from_config(cfg).variants(36, 45, 10)
     assert [v.label for v in variants] == ["ToE stage 1 + keep 4", "ToE stage 2 + keep 4", "ToE stage 3 + keep 4"]
     assert [v.share for v in variants] == pytest.approx([1 / 3] * 3) and [v.epochs for v in variants][0] == (0, 15)
     assert [v.patch_tokens for v in variants] == [4, 4, 4]
-    assert set(registry()) >= {"drop", "even", "toe", "pss"}
+    assert set(registry()) >= {"keepfirst", "even", "toe", "pss"}
+
+
+def test_a_method_may_not_take_the_name_of_a_config_key():
+    class Dropout(Method):
+        name, label, Config = "drop", "Dropout", EvenConfig
+    with pytest.raises(ValueError, match="'drop' is a config key already"):
+        register_method(Dropout)
+    assert "drop" not in registry()
