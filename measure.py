@@ -150,6 +150,7 @@ class FlopCount:
     by_operator: Dict[str, float]
     not_counted: List[str]                     # operators that ran but have no FLOPs handle (memory/elementwise)
     block_tokens: List[int]                    # tokens (prefix included) that entered each block
+    op_acted: bool = False                     # a method operator returned something other than its input
 
     @property
     def model(self) -> float:
@@ -168,6 +169,12 @@ def count_flops(model: nn.Module, input_size: int, in_chans: int = 3,
     seen: List[int] = []
     hooks = [blk.register_forward_pre_hook(lambda mod, args: seen.append(int(args[0].shape[1])))
              for blk in getattr(model, "blocks", [])]
+    acted: List[bool] = []          # an operator whose FLOPs fvcore does not count (topk, gathers) still acts
+
+    def op_hook(mod, args, out):
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        acted.append(bool(args) and first is not args[0])
+    hooks += [op.register_forward_hook(op_hook) for op in op_modules]
     image = torch.randn(1, in_chans, input_size, input_size, generator=torch.Generator().manual_seed(0))
     device = next(model.parameters()).device
     try:
@@ -188,7 +195,7 @@ def count_flops(model: nn.Module, input_size: int, in_chans: int = 3,
         for h in hooks:
             h.remove()
     depth = len(getattr(model, "blocks", []))
-    return FlopCount(total, op, by_op, skipped, seen[-depth:] if depth else [])
+    return FlopCount(total, op, by_op, skipped, seen[-depth:] if depth else [], any(acted))
 
 
 @contextlib.contextmanager
@@ -269,7 +276,8 @@ def model_flops(cfg, num_classes: int, input_size: Optional[int] = None, images:
             v.apply(model)
             vf = measured(v.label, model, v.share, v.epochs, ops, v.apply)
             vf.variant = v
-            vf.same_as_full = (vf.fvcore.method_op == 0 and vf.fvcore.total == full.fvcore.total
+            vf.same_as_full = (vf.fvcore.method_op == 0 and not vf.fvcore.op_acted
+                               and vf.fvcore.total == full.fvcore.total
                                and vf.fvcore.block_tokens == full.fvcore.block_tokens)
             variants.append(vf)
     return {"model": cfg.model, "input_size": size, "num_classes": num_classes, "params": params,
