@@ -18,6 +18,7 @@ The run directory is guarded by :class:`RunLock` (one run at a time; the refusal
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -180,7 +181,11 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
         raise CheckpointError(f"{what}: {path} is empty (0 bytes): it was never completely written; point {what} at "
                               f"another checkpoint (e.g. best.pth) or start a new run")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # the published codes' checkpoints (DeiT/ToE/PSS main.py: model, model_ema, ..., args; timm's saver used by
+        # TokenLabeling: state_dict, state_dict_ema, args) pickle their argparse.Namespace: exactly that class is
+        # let through, for this load only (never torch's global list); anything else stays refused
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a truncated, foreign or unsafe file
         unsafe = [line.strip() for line in str(e).splitlines() if "Unsupported" in line]
         if unsafe:
@@ -192,6 +197,8 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
                               f"the file is truncated or not a checkpoint: point {what} at another one") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{what}: {path} is not a checkpoint dictionary")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])          # plain data from here on
     return ckpt
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from checkpoint import first_line
 from methods import MethodError, method_class, registry
+from token_labels import BOX_ORDERS, RAND_AUGMENTS
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,8 @@ class TokenLabelConfig:
     cls_weight: float = 1.0                    # weight of the class-token loss
     dense_weight: float = 1.0                  # weight of the dense (per-token) loss
     cls_target: str = "label_map"              # label_map | ground_truth | corrected
+    box_order: str = "fixed"                   # fixed | published: the published code's crop box with x and y swapped
+    rand_augment: str = "photometric"          # photometric (after the crop, image only) | published (LV-ViT's: all ops on image and label map before the crop) | aligned
 
 
 @dataclass
@@ -59,6 +62,9 @@ class Config:
     resume_optimizer: bool = True              # on resume, keep the optimizer's moments (false: start them afresh)
     finetune: str = ""                         # initialise weights from a checkpoint, fresh optimizer and schedule
     save_every: int = 1                        # epochs between checkpoint.pth writes
+    # --- reproduction ----------------------------------------------------------------------------------------
+    reproduces: Optional[Dict[str, Any]] = None   # the published row this recipe reproduces, {paper: ..., row: ...} (methods.published_rows(); scripts/tables.py)
+    nproc: Optional[int] = None                # processes the recipe expects ("4 x 256"); a run with another count says how its global batch and lr differ
     # --- data ------------------------------------------------------------------------------------------------
     data_set: str = "imagenet"                 # imagenet | cifar10 | cifar100 | folder | digits
     data_path: str = "data/imagenet"           # dataset root (ImageFolder train/ and val/, or the CIFAR files)
@@ -79,7 +85,9 @@ class Config:
     model_ema_eval: bool = True                # evaluate the EMA every epoch
     best_on: str = "model"                     # model | ema: whose val top-1 picks best.pth
     # --- optimisation ----------------------------------------------------------------------------------------
-    epochs: int = 300                          # training epochs
+    epochs: int = 300                          # training epochs (the lr schedule's length; cooldown_epochs follow)
+    cooldown_epochs: int = 0                   # epochs trained after `epochs` at min_lr (timm / TokenLabeling: LV-ViT trains 300 + 10)
+    sched_step: str = "timm"                   # timm: epoch e trains with lr(e) | published: DeiT's loop, epoch e trains with lr(e - 1) (epochs 0 and 1 at warmup_lr)
     batch_size: int = 64                       # per process; global batch = batch_size * world_size * grad_accum_steps
     grad_accum_steps: int = 1                  # iterations per optimizer step
     opt: str = "adamw"                         # adamw | adam | sgd | lamb
@@ -94,7 +102,7 @@ class Config:
     unscale_lr: bool = False                   # true: use lr as given, no scaling by the global batch
     sched: str = "cosine"                      # cosine | step | constant
     warmup_lr: float = 1e-6                    # lr at the start of the warm-up
-    min_lr: float = 1e-5                       # lr floor of the cosine schedule
+    min_lr: Optional[float] = 1e-5             # lr floor of the cosine schedule; null: unknown (--plan shows it, training refuses until set)
     warmup_epochs: int = 5                     # epochs of linear warm-up
     decay_epochs: int = 30                     # step schedule only
     decay_rate: float = 0.1                    # step schedule only
@@ -107,6 +115,7 @@ class Config:
     crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])   # RandomResizedCrop area range
     repeated_aug: bool = True                  # repeated augmentation (each image ra_repeats times per epoch)
     ra_repeats: int = 3                        # copies per image with repeated augmentation
+    repeated_aug_single: str = "always"        # always: repeated augmentation on one process too | published: only when distributed (DeiT: a plain random sampler on one process)
     reprob: float = 0.25                       # random-erasing probability
     remode: str = "pixel"                      # random-erasing fill: pixel | rand | const
     recount: int = 1                           # random-erasing boxes per image
@@ -139,6 +148,11 @@ class Config:
             return self.sections.get(name)
         raise AttributeError(f"Config has no key '{name}'")
 
+    def total_epochs(self) -> int:
+        """The run's length: ``epochs`` of lr schedule plus ``cooldown_epochs`` at ``min_lr`` (timm's ``num_epochs``);
+        the loop, the checkpoints and the methods' clock all count to it."""
+        return self.epochs + self.cooldown_epochs
+
     def active_methods(self) -> List[str]:
         """The sections this run applies, in order."""
         return list(self.sections) if self.methods is None else list(self.methods)
@@ -164,14 +178,18 @@ CHOICES = {
     "remode": ("pixel", "rand", "const"),
     "distillation_type": ("none", "soft", "hard"),
     "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
+    "token_label.box_order": BOX_ORDERS,
+    "token_label.rand_augment": RAND_AUGMENTS,
+    "sched_step": ("timm", "published"),
+    "repeated_aug_single": ("always", "published"),
 }
 NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
                 "mixup", "cutmix", "model_ema_decay", "clip_grad", "color_jitter", "opt_eps", "decay_epochs",
-                "decay_rate", "recount", "token_label.cls_weight", "token_label.dense_weight")
+                "decay_rate", "recount", "token_label.cls_weight", "token_label.dense_weight", "cooldown_epochs")
 PROBABILITIES = ("reprob", "mixup_prob", "mixup_switch_prob", "hflip", "distillation_alpha")      # in [0, 1]
 RATES = ("drop", "drop_path", "smoothing", "momentum")                                          # in [0, 1)
 POSITIVE = ("epochs", "batch_size", "grad_accum_steps", "input_size", "lr_base_batch", "print_freq", "save_every",
-            "ra_repeats", "distillation_tau", "eval_crop_ratio", "nb_classes")
+            "ra_repeats", "distillation_tau", "eval_crop_ratio", "nb_classes", "nproc")
 
 
 # ----------------------------------------------------------------------------------------------- type checking
@@ -452,6 +470,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data_set: token_label needs an ImageFolder dataset (imagenet, folder), not {cfg.data_set}")
         if cfg.token_label.size <= 0:
             raise ConfigError(f"token_label.size: {cfg.token_label.size} must be > 0")
+    if cfg.reproduces is not None:
+        check_reproduces(cfg.reproduces)
     for name in cfg.methods or []:
         if name not in registry():
             raise ConfigError(f"methods: unknown method '{name}' (known: {', '.join(sorted(registry()))})")
@@ -468,6 +488,24 @@ def validate(cfg: Config) -> Config:
     except MethodError as e:
         raise ConfigError(str(e)) from None
     return cfg
+
+
+def check_reproduces(value: Dict[str, Any]) -> None:
+    """``reproduces: {paper: P, row: R}`` names a row of :func:`methods.published_rows` (one line otherwise)."""
+    from methods import published_rows
+    if set(value) != {"paper", "row"} or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f"reproduces: {value!r} must be {{paper: NAME, row: LABEL}} (two strings), e.g. "
+                          f"{{paper: toe, row: DeiT-S ToE}}")
+    rows = published_rows()
+    papers = sorted({r.paper for r in rows})
+    if value["paper"] not in papers:
+        raise ConfigError(f"reproduces.paper: unknown paper '{value['paper']}' (known: {', '.join(papers)})")
+    labels = [r.row for r in rows if r.paper == value["paper"]]
+    if value["row"] not in labels:
+        close = difflib.get_close_matches(value["row"], labels, n=3, cutoff=0.4)
+        hint = (f"; close rows: {'; '.join(repr(c) for c in close)}" if close
+                else f"; scripts/tables.py --published lists the rows")
+        raise ConfigError(f"reproduces.row: paper '{value['paper']}' has no row '{value['row']}'{hint}")
 
 
 def _check_kwargs(key: str, kwargs: Dict[str, Any]) -> None:

@@ -225,12 +225,13 @@ def build_dataset(cfg, is_train: bool) -> Tuple[Dataset, int]:
 
 def _with_token_labels(cfg, images: datasets.ImageFolder) -> Dataset:
     """LV-ViT's training set: the crop and flip are drawn once for the image and its dense label map."""
-    from token_labels import TokenLabelDataset, build_image_transform
-    image_transform = fix_posterize(build_image_transform(cfg.input_size, cfg.color_jitter, cfg.aa,
-                                                          cfg.train_interpolation, cfg.reprob, cfg.remode, cfg.recount))
+    from token_labels import TokenLabelDataset, build_token_label_transforms
+    t = build_token_label_transforms(cfg.input_size, cfg.color_jitter, cfg.aa, cfg.train_interpolation, cfg.reprob,
+                                     cfg.remode, cfg.recount, rand_augment=cfg.token_label.rand_augment)
+    fix_posterize(t.joint if t.joint is not None else t.image)     # the RandAugment sits in one of the two
     return TokenLabelDataset(images, cfg.token_label.data, cfg.input_size, num_classes=len(images.classes),
                              scale=tuple(cfg.crop_scale), hflip=cfg.hflip, interpolation=cfg.train_interpolation,
-                             image_transform=image_transform)
+                             image_transform=t.image, joint_transform=t.joint)
 
 
 # ------------------------------------------------------------------------------------------------ samplers
@@ -496,7 +497,9 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoade
     if skip:
         train_set, val_set = SkipBadImages(train_set), SkipBadImages(val_set)
     train_set = WithIndex(train_set)
-    if cfg.repeated_aug:
+    # the published DeiT repeats only when distributed (one process: a plain random sampler); "always": here too
+    repeat = cfg.repeated_aug and (world_size > 1 or getattr(cfg, "repeated_aug_single", "always") == "always")
+    if repeat:
         train_sampler = RASampler(train_set, world_size, rank, shuffle=True, repeats=cfg.ra_repeats, seed=seed)
     else:
         train_sampler = ShuffleSampler(train_set, world_size, rank, seed=seed)

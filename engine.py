@@ -126,6 +126,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     loss_meter.sum, loss_meter.count = resumed.get("loss_sum", 0.0), resumed.get("loss_count", 0)
     meter = Throughput(num_iters, start_step, resumed.get("images", 0), resumed.get("seconds", 0.0))
     data_time, skipped = resumed.get("data_seconds", 0.0), resumed.get("skipped", 0)
+    compute_time = resumed.get("compute_seconds", 0.0)     # forward, backward, step, EMA: no loader wait, no eval
     batches = iter(loader)
     if on_start is not None:
         on_start()
@@ -134,7 +135,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     t_data = time.perf_counter()
     try:
         for it, batch in enumerate(batches, start=start_step):
-            data_time += time.perf_counter() - t_data
+            t_compute = time.perf_counter()
+            data_time += t_compute - t_data
             if methods.per_step:
                 methods.on_step(Clock(epoch, it, global_step + it, iters_per_epoch or num_iters, num_epochs))
             *data, indices = batch
@@ -176,6 +178,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                 optimizer.zero_grad(set_to_none=True)
                 if model_ema is not None:
                     model_ema.update(model)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)          # the step's kernels belong to its compute time
+            compute_time += time.perf_counter() - t_compute
             loss_meter.update(loss_value, images.shape[0])
             meter.step(images.shape[0] * world_size)
             lr = optimizer.param_groups[0]["lr"]
@@ -196,12 +201,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
         if shutdown is not None:
             shutdown()
     progress = {"loss_sum": loss_meter.sum, "loss_count": loss_meter.count, "images": meter.images,
-                "seconds": meter.elapsed(), "data_seconds": data_time, "skipped": skipped}
+                "seconds": meter.elapsed(), "data_seconds": data_time, "compute_seconds": compute_time,
+                "skipped": skipped}
     if stopped_at is not None:
         return {"stopped_at": stopped_at, "iters": stopped_at, "progress": progress}
     total, count, skipped = all_reduce_sum([loss_meter.sum, loss_meter.count, skipped], device)
     return {"loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"], "images_per_s": meter.rate(),
-            "epoch_seconds": meter.elapsed(), "data_seconds": data_time, "iters": num_iters,
+            "epoch_seconds": meter.elapsed(), "data_seconds": data_time, "compute_seconds": compute_time,
+            "iters": num_iters,
             "skipped_images": int(skipped)}
 
 

@@ -53,8 +53,8 @@ EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3
 CONFIG_ERRORS = (ConfigError, MethodError, DeviceError, AmpError)
 RUN_ERRORS = (DatasetError, TokenLabelError, CheckpointError, RunDirError, NonFiniteLossError)
 SCHEDULE_KEYS = ("lr", "epochs", "warmup_epochs", "min_lr", "warmup_lr", "sched", "decay_epochs", "decay_rate",
-                 "lr_base_batch", "unscale_lr", "batch_size", "grad_accum_steps")
-USAGE = """usage: python main.py --config FILE [--KEY VALUE ...] [--overwrite]
+                 "lr_base_batch", "unscale_lr", "batch_size", "grad_accum_steps", "cooldown_epochs", "sched_step")
+USAGE = """usage: python main.py --config FILE [--KEY VALUE ...] [--overwrite | --plan]
        torchrun --nproc_per_node=N main.py --config FILE [--KEY VALUE ...]
 
 Train (or, with --eval, evaluate) a timm ViT with the DeiT recipe; see README.md. Exit codes: 0 done, 1 run-time
@@ -63,6 +63,8 @@ error, 2 config error, 3 stopped by SIGTERM/SIGINT with the current iteration sa
 command-line switches (not config keys, never saved in the run's config):
   --config FILE   the YAML recipe (may inherit another with base: other.yaml)
   --overwrite     replace the run that output_dir already holds (its checkpoints, log and config are removed)
+  --plan          print the whole schedule (spans of epochs, lr, method states, FLOPs, images seen) and exit;
+                  reads no data, writes nothing; the process count is nproc (--nproc N to change it)
   -h, --help      this page"""
 
 
@@ -129,7 +131,7 @@ def parse_args(argv: List[str]) -> Tuple[Config, bool]:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(USAGE))
         sys.exit(EXIT_OK)
-    rest, path, overwrite = [], None, False
+    rest, path, overwrite, show_plan = [], None, False, False
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -142,13 +144,42 @@ def parse_args(argv: List[str]) -> Tuple[Config, bool]:
             path = a.split("=", 1)[1]
         elif a == "--overwrite":
             overwrite = True
+        elif a == "--plan":
+            show_plan = True
         else:
             rest.append(a)
         i += 1
     cfg = load_config(path, rest)
+    if show_plan:
+        from plan import format_plan, plan
+        print(format_plan(cfg, *plan(cfg)))
+        sys.exit(EXIT_OK)
     if overwrite and cfg.resume:
         raise ConfigError("--overwrite replaces the run in output_dir, --resume continues it: give one of them")
+    if cfg.min_lr is None and not cfg.eval:
+        raise ConfigError("min_lr: unknown (null) in this config (its published value was not recovered); set it, "
+                          "e.g. --min_lr 1e-6, to train")
     return cfg, overwrite
+
+
+def lr_epoch(cfg: Config, epoch: int) -> int:
+    """The scheduler epoch whose lr trains ``epoch``: ``epoch`` (``sched_step: timm``), or ``epoch - 1`` (DeiT's
+    loop steps the scheduler after an epoch with the index it just finished, so epochs 0 and 1 both train at
+    ``lr(0)``, the warm-up lr)."""
+    return max(epoch - 1, 0) if cfg.sched_step == "published" else epoch
+
+
+def nproc_note(cfg: Config, world_size: int) -> Optional[str]:
+    """One line when this run's process count is not the recipe's (``nproc``): how its global batch and lr differ."""
+    if cfg.nproc is None or cfg.nproc == world_size:
+        return None
+    ours, theirs = scaled_lr(cfg, world_size), scaled_lr(cfg, cfg.nproc)
+    per = cfg.batch_size * cfg.grad_accum_steps
+    lr_text = (f"lr {ours:.3e} instead of {theirs:.3e} (linear rule)" if not cfg.unscale_lr
+               else f"lr {ours:.3e} as given (unscale_lr)")
+    return (f"nproc: the recipe expects {cfg.nproc} process(es), this run has {world_size}: global batch "
+            f"{per * world_size} instead of {per * cfg.nproc}, {lr_text}; keep the recipe's batch with "
+            f"--grad_accum_steps or --batch_size")
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:
@@ -306,7 +337,8 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
     if cfg.token_label is not None:
         from token_labels import TokenLabelCriterion
         tl = cfg.token_label
-        return TokenLabelCriterion(nb_classes, tl.size, cfg.smoothing, tl.cls_weight, tl.dense_weight, tl.cls_target), None
+        return TokenLabelCriterion(nb_classes, tl.size, cfg.smoothing, tl.cls_weight, tl.dense_weight, tl.cls_target,
+                                   box_order=tl.box_order), None
     teacher = None
     if cfg.distillation_type != "none":
         import timm
@@ -330,8 +362,10 @@ def build_optimizer(r: Run) -> None:
                                       layer_decay=cfg.layer_decay, **opt_kwargs)
     # the schedule is always built from the resolved config (also on resume: a new --lr or --epochs takes effect)
     r.scheduler, _ = create_scheduler_v2(r.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
-                                         decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
-                                         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, cooldown_epochs=0)
+                                         decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
+                                         min_lr=cfg.min_lr if cfg.min_lr is not None else 0.0,   # (eval only)
+                                         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                         cooldown_epochs=cfg.cooldown_epochs)
     r.scaler = torch.amp.GradScaler("cuda") if r.amp_dtype == torch.float16 else None
 
 
@@ -519,14 +553,14 @@ def begin_epoch(r: Run, epoch: int, global_step: int) -> Tuple[Optional[list], i
         subset = methods.train_indices(epoch, len(r.train_loader.dataset))
         sampler.set_indices(subset)
         r.iters_per_epoch = r.iters_per_epoch or len(r.train_loader)
-        methods.on_epoch(Clock(epoch, 0, global_step, r.iters_per_epoch, cfg.epochs))
+        methods.on_epoch(Clock(epoch, 0, global_step, r.iters_per_epoch, cfg.total_epochs()))
         return subset, 0, {}
     mine = mid["ranks"][r.dist.rank]
     subset = None if mine.get("subset") is None else mine["subset"].tolist()
     sampler.set_indices(subset)
     r.iters_per_epoch = r.iters_per_epoch or len(r.train_loader)
     step = r.start.step
-    methods.on_epoch(Clock(epoch, 0, global_step - step, r.iters_per_epoch, cfg.epochs))
+    methods.on_epoch(Clock(epoch, 0, global_step - step, r.iters_per_epoch, cfg.total_epochs()))
     methods.load_state_dict(r.resume.ckpt.get("methods") or {})     # the state at the stop, after the epoch's start
     sampler.set_start(mid["position"])
     return subset, step, {"start_step": step, "resumed": mine["progress"],
@@ -562,7 +596,7 @@ def save_mid_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[l
         state = checkpoint_state(r, epoch - 1, Position(epoch, step, global_step), methods_state, mid)
         ckpt_io.save_checkpoint(state, path)
     barrier()
-    raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}/{r.cfg.epochs}, iteration {step}/"
+    raise Stopped(f"stopped by {stop.name} at epoch {epoch + 1}/{r.cfg.total_epochs()}, iteration {step}/"
                   f"{r.iters_per_epoch}: saved {path}; continue with --resume auto")
 
 
@@ -595,7 +629,7 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
               **{f"val_{suffix}_{k}": v for suffix, s in val_extra.items() for k, v in s.items()},
               "best_acc1": r.best["acc1"], "n_parameters": r.n_params, "wall_seconds": time.perf_counter() - wall_start}
     log.log_epoch(record)
-    log.info(f"Epoch {epoch + 1}/{cfg.epochs}: train loss {stats['loss']:.4f} | val top-1 {val['acc1']:.2f}"
+    log.info(f"Epoch {epoch + 1}/{cfg.total_epochs()}: train loss {stats['loss']:.4f} | val top-1 {val['acc1']:.2f}"
              + (f" | EMA top-1 {val_ema['acc1']:.2f}" if val_ema else "")
              + "".join(f" | {suffix} top-1 {s['acc1']:.2f}" for suffix, s in val_extra.items())
              + f" | {stats['images_per_s']:.0f} img/s | {format_seconds(stats['epoch_seconds'])}"
@@ -603,7 +637,8 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
              + (f" | {r.methods.epoch_text()}" if r.methods.epoch_text() else ""))
     methods_state = r.methods.state_dict()       # on every rank: a method may gather its per-rank state here
     stopping = stop.requested(dev)
-    if r.dist.is_main and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs or improved or stopping):
+    if r.dist.is_main and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.total_epochs() or improved
+                            or stopping):
         out = cfg.output_dir
         state = checkpoint_state(r, epoch, Position(epoch + 1, 0, global_step), methods_state)
         ckpt_io.save_checkpoint(state, os.path.join(out, "checkpoint.pth"))
@@ -619,16 +654,19 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
     log.info(f"model {cfg.model}: {r.n_params / 1e6:.2f}M params, {r.nb_classes} classes, input {cfg.input_size}px | "
              f"world {dist.world_size} x batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | lr {r.lr:.3e} | "
              f"amp {r.amp_dtype or 'off'} | methods: {r.methods.describe()}")
-    r.scheduler.step(r.start.epoch)
+    note = nproc_note(cfg, dist.world_size)
+    if note:
+        log.info(note)
+    r.scheduler.step(lr_epoch(cfg, r.start.epoch))
     global_step = r.start.global_step
     wall_start = time.perf_counter()
-    train_seconds, images_seen, history = 0.0, 0, []
+    train_seconds, compute_seconds, images_seen, history = 0.0, 0.0, 0, []
     stop.armed = True
-    for epoch in range(r.start.epoch, cfg.epochs):
+    for epoch in range(r.start.epoch, cfg.total_epochs()):
         subset, done, resumed = begin_epoch(r, epoch, global_step)
         epoch_start_step = global_step - done
         stats = train_one_epoch(
-            r.train_model, r.criterion, r.train_loader, r.optimizer, dist.device, epoch, cfg.epochs, log,
+            r.train_model, r.criterion, r.train_loader, r.optimizer, dist.device, epoch, cfg.total_epochs(), log,
             amp_dtype=r.amp_dtype, scaler=r.scaler, model_ema=r.model_ema, mixup_fn=r.mixup_fn,
             clip_grad=cfg.clip_grad, accum_steps=cfg.grad_accum_steps, print_freq=cfg.print_freq,
             world_size=dist.world_size, methods=r.methods, global_step=epoch_start_step,
@@ -636,21 +674,23 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
         global_step = epoch_start_step + stats["iters"]
         if "stopped_at" in stats:
             save_mid_epoch(r, epoch, stats, subset, global_step, stop)
-        r.scheduler.step(epoch + 1)
+        r.scheduler.step(lr_epoch(cfg, epoch + 1))
         train_seconds += stats["epoch_seconds"]
+        compute_seconds += stats["compute_seconds"]
         images_seen += (stats["iters"] - done) * cfg.batch_size * dist.world_size
         record, stopping = end_epoch(r, epoch, stats, subset, global_step, wall_start, stop)
         history.append(record)
         if stopping:
-            raise Stopped(f"stopped by {stop.name} after epoch {epoch + 1}/{cfg.epochs}: saved "
+            raise Stopped(f"stopped by {stop.name} after epoch {epoch + 1}/{cfg.total_epochs()}: saved "
                           f"{os.path.join(cfg.output_dir, 'checkpoint.pth')}; continue with --resume auto")
-    return finish(r, history, time.perf_counter() - wall_start, train_seconds, images_seen)
+    return finish(r, history, time.perf_counter() - wall_start, train_seconds, images_seen, compute_seconds)
 
 
-def finish(r: Run, history: List[Dict[str, Any]], wall: float, train_seconds: float, images_seen: int) -> Dict[str, Any]:
+def finish(r: Run, history: List[Dict[str, Any]], wall: float, train_seconds: float, images_seen: int,
+           compute_seconds: float = 0.0) -> Dict[str, Any]:
     cfg, log, out = r.cfg, r.log, r.cfg.output_dir
     summary = {"final": history[-1] if history else None, "best": r.best, "wall_seconds": wall,
-               "train_seconds": train_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
+               "train_seconds": train_seconds, "train_compute_seconds": compute_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
                "methods": r.methods.summary(), "output_dir": os.path.abspath(out)}
     if r.dist.is_main and history:
         ckpt_io.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
@@ -676,8 +716,8 @@ def run(cfg: Config, dist: DistInfo, overwrite: bool = False, stop: Optional[Sto
         r = build(cfg, dist, log)
         if cfg.eval:
             return evaluate_only(r)
-        if r.start.epoch >= cfg.epochs:
-            log.info(f"nothing to train: the checkpoint has finished {r.start.epoch} of {cfg.epochs} epochs "
+        if r.start.epoch >= cfg.total_epochs():
+            log.info(f"nothing to train: the checkpoint has finished {r.start.epoch} of {cfg.total_epochs()} epochs "
                      f"(raise --epochs to train longer)")
             return {"final": None, "best": r.best}
         lock = open_run_dir(r, overwrite)

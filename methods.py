@@ -208,6 +208,12 @@ class Method:
         """Epochs where the method changes phase (marked in comparison plots)."""
         return []
 
+    def plan_state(self, clock: Clock, num_patches: int) -> str:
+        """The method's state in epoch ``clock.epoch`` of a run of ``clock.epochs`` epochs of
+        ``clock.iters_per_epoch`` iterations, on ``num_patches`` patches, as short text for ``main.py --plan`` (a new
+        plan row starts where it changes); computed from the config alone, without a model or data. Default: ""."""
+        return ""
+
     # --- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """State that must survive a checkpoint (plain data and tensors only: loaded with ``weights_only``).

@@ -144,6 +144,13 @@ class PatchSamplingSchedule(Method):
         c = self.section.cooldown_epochs
         return [self.epochs - c] if c else []
 
+    def plan_state(self, clock: Clock, num_patches: int) -> str:
+        schedule = _schedule(self.section, clock.epochs, clock.iters_per_epoch)
+        start = clock.epoch * clock.iters_per_epoch
+        ratios = schedule.drop_ratios(np.arange(start, start + clock.iters_per_epoch))
+        lo, hi = 1 - float(ratios.max()), 1 - float(ratios.min())
+        return f"keep {lo:.1f}" if lo == hi else f"keep {lo:.1f}-{hi:.1f}"
+
     # --- measurement ----------------------------------------------------------------------------------------
     def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
         """One state per snapped drop ratio, with its exact share of the iterations, epoch by epoch."""

@@ -93,9 +93,13 @@ def published_for(cfg, rows: Sequence[PublishedRow]) -> List[PublishedRow]:
     if named is None:
         return auto
     chosen = [r for r in rows if (r.paper, r.row) == named]
+    if not chosen and any((r.paper, r.row) == named for r in published_rows()):
+        return auto        # the named row is not among the rows asked about (a caller's subset)
     if not chosen:
         raise ValueError(f"reproduces: no published row '{named[1]}' of paper '{named[0]}' (see scripts/tables.py "
                          "--published)")
+    if chosen[0].methods is not None and not matches(cfg, chosen[0]):
+        return auto        # an override changed the recipe (e.g. --toe.repeat_k 3): no longer a run of the named row
     return chosen + [r for r in auto if r.kind == "context" and r not in chosen]
 
 

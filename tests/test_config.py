@@ -29,7 +29,10 @@ def test_toe_recipe_inherits_the_baseline_and_adds_only_toe():
     assert toe.toe.init_keep_rate == 0.25 and toe.toe.repeat_k == 2 and toe.toe.distance == "cosine"
     a, b = base.to_dict(), toe.to_dict()
     assert "toe" not in a and b.pop("toe")["keep_rates"] == [0.5, 0.75, 1.0]
-    a.pop("output_dir"), b.pop("output_dir")
+    # the ToE script's launch (4 x 256 = the same global batch 1024, seed 3407) and the row it reproduces
+    assert (a["nproc"] * a["batch_size"], b["nproc"] * b["batch_size"], b["seed"]) == (1024, 1024, 3407)
+    for key in ("output_dir", "reproduces", "nproc", "batch_size", "seed"):
+        a.pop(key), b.pop(key)
     assert a == b
 
 
@@ -101,19 +104,24 @@ TOE_LVVIT = dict(expansion_steps=[0, 100, 200], keep_rates=[0.4, 0.7, 1.0], init
 CIFAR = dict(model="deit_small_patch16_224", epochs=1000, global_batch=768, opt="adamw", weight_decay=0.05,
              sched="cosine", warmup_epochs=5, drop_path=0.1, mixup=0.8, cutmix=1.0, aa="rand-m9-mstd0.5-inc1",
              input_size=224)                              # DeiT's transfer recipe (facebookresearch/dino#81, #144)
+# issue 10 B: DeiT's loop and sampler rules, fp16 with a loss scaler; LV-ViT: 300 + 10 cooldown epochs, best on
+# the EMA, seed 42, the published crop box and RandAugment; the ToE scripts: 4 x 256 and (DeiT) seed 3407.
+DEIT.update(amp="fp16", sched_step="published", repeated_aug_single="published", cooldown_epochs=0)
+LVVIT.update(amp="fp16", sched_step="timm", cooldown_epochs=10, best_on="ema", seed=42)
+TOE_SCRIPT = dict(seed=3407)
 RECIPES = {
-    "deit_t.yaml": (8, dict(model="deit_tiny_patch16_224", **DEIT), None),
-    "deit_s.yaml": (8, dict(model="deit_small_patch16_224", **DEIT), None),
-    "deit_b.yaml": (8, dict(model="deit_base_patch16_224", **DEIT), None),
-    "deit_t_toe.yaml": (8, dict(model="deit_tiny_patch16_224", **DEIT), TOE_DEIT),
-    "deit_s_toe.yaml": (8, dict(model="deit_small_patch16_224", **DEIT), TOE_DEIT),
-    "deit_b_toe.yaml": (8, dict(model="deit_base_patch16_224", **DEIT), TOE_DEIT),
+    "deit_t.yaml": (8, dict(model="deit_tiny_patch16_224", seed=0, **DEIT), None),
+    "deit_s.yaml": (8, dict(model="deit_small_patch16_224", seed=0, **DEIT), None),
+    "deit_b.yaml": (8, dict(model="deit_base_patch16_224", seed=0, **DEIT), None),
+    "deit_t_toe.yaml": (4, dict(model="deit_tiny_patch16_224", **TOE_SCRIPT, **DEIT), TOE_DEIT),
+    "deit_s_toe.yaml": (4, dict(model="deit_small_patch16_224", **TOE_SCRIPT, **DEIT), TOE_DEIT),
+    "deit_b_toe.yaml": (4, dict(model="deit_base_patch16_224", **TOE_SCRIPT, **DEIT), TOE_DEIT),
     "lvvit_t.yaml": (8, dict(model="lvvit_t", drop_path=0.1, **LVVIT), None),
     "lvvit_s.yaml": (8, dict(model="lvvit_s", drop_path=0.1, **LVVIT), None),
     "lvvit_m.yaml": (8, dict(model="lvvit_m", drop_path=0.2, **LVVIT), None),
-    "lvvit_t_toe.yaml": (8, dict(model="lvvit_t", drop_path=0.1, **LVVIT), TOE_LVVIT),
-    "lvvit_s_toe.yaml": (8, dict(model="lvvit_s", drop_path=0.1, **LVVIT), TOE_LVVIT),
-    "lvvit_m_toe.yaml": (8, dict(model="lvvit_m", drop_path=0.2, **LVVIT), TOE_LVVIT),
+    "lvvit_t_toe.yaml": (4, dict(model="lvvit_t", drop_path=0.1, **LVVIT), TOE_LVVIT),
+    "lvvit_s_toe.yaml": (4, dict(model="lvvit_s", drop_path=0.1, **LVVIT), TOE_LVVIT),
+    "lvvit_m_toe.yaml": (4, dict(model="lvvit_m", drop_path=0.2, **LVVIT), TOE_LVVIT),
     "cifar10_finetune.yaml": (8, dict(data_set="cifar10", lr=7.5e-6, **CIFAR), None),
     "cifar100_finetune.yaml": (8, dict(data_set="cifar100", lr=5e-6, **CIFAR), None),
     # the demo: DeiT-Ti's recipe shape on the digits, one process, with the authors' LV-ViT ToE schedule in thirds
@@ -132,11 +140,14 @@ def test_table_config_matches_the_published_recipe(name):
     resolved["global_batch"] = cfg.batch_size * world * cfg.grad_accum_steps
     resolved["lr"] = scaled_lr(cfg, world)
     assert resolved == pytest.approx(recipe), name
+    if name != "demo.yaml":
+        assert cfg.nproc == world, name            # the recipe's process count is in the config (issue 10 B)
     assert cfg.active_methods() == (["toe"] if toe else [])
     if toe:
         assert {k: getattr(cfg.toe, k) for k in toe} == toe
     if name.startswith("lvvit"):
         assert cfg.token_label is not None and cfg.token_label.size == 14
+        assert (cfg.token_label.box_order, cfg.token_label.rand_augment) == ("published", "published")
     if name.startswith("cifar"):
         assert cfg.finetune
 

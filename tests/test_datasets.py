@@ -338,3 +338,35 @@ def test_skipped_images_leave_the_batch(tmp_path):
     assert images.shape == (2, 2) and index.tolist() == [5, 6]
     with pytest.raises(DatasetError, match="every image of a batch is unreadable, e.g. x.png"):
         SkippingCollate()([BadImage("x.png")])
+
+
+@pytest.mark.parametrize("toe", [False, True], ids=["plain", "toe"])
+def test_cifar_finetune_end_to_end_with_and_without_toe(tmp_path, toe, capsys):
+    """An ImageNet-style checkpoint (another head) fine-tuned on CIFAR-10 batch files through main.py with the
+    shipped fine-tuning configs: without ToE, and with ToE during the fine-tune (cifar10_finetune_toe.yaml)."""
+    import json
+    import main as entry
+    from config import load_config
+    from methods import MethodSet
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    write_cifar(tmp_path / "cifar", n=16)
+    name = "cifar10_finetune_toe.yaml" if toe else "cifar10_finetune.yaml"
+    common = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
+              "--num_workers", "0", "--amp", "none", "--batch_size", "16", "--warmup_epochs", "1", "--epochs", "2",
+              "--repeated_aug", "false"]
+    pre = load_config(os.path.join(root, "configs", "cifar10_finetune.yaml"), common + ["--nb_classes", "100"])
+    model = entry.build_model(pre, 100, MethodSet([]))
+    torch.save({"model": model.state_dict(), "epoch": 299}, tmp_path / "imagenet.pth")
+    extra = ["--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]", "--toe.init_keep_rate", "0.25"]
+    code = entry.main(["--config", os.path.join(root, "configs", name), "--data_path", str(tmp_path / "cifar"),
+                       "--output_dir", str(tmp_path / "run"), "--finetune", str(tmp_path / "imagenet.pth"), *common,
+                       *(extra if toe else [])])
+    assert code == 0, capsys.readouterr().err
+    assert "fine-tuning from" in capsys.readouterr().out
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in log] == [0, 1] and log[0]["val_count"] == 16
+    if toe:
+        assert [(r["toe_stage"], r["toe_kept_tokens"]) for r in log] == [(1, 8), (2, 16)]
+    else:
+        assert "toe_stage" not in log[0]

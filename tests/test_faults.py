@@ -226,7 +226,8 @@ def bad_files(tmp_path_factory, reference):
     (d / "empty.pth").write_bytes(b"")
     (d / "truncated.pth").write_bytes(good[: len(good) // 2])
     import argparse
-    torch.save({"args": argparse.Namespace(lr=1.0), "model": {}}, d / "unsafe.pth")
+    import fractions       # argparse.Namespace itself is let through (published checkpoints); what it holds is not
+    torch.save({"args": argparse.Namespace(lr=fractions.Fraction(1, 2)), "model": {}}, d / "unsafe.pth")
     torch.save({"state_dict": load(os.path.join(reference, "checkpoint.pth"))["model"]}, d / "weights.pth")
     (d / "broken.yaml").write_text("model: deit_tiny_patch16_224\nlr: [1e-3\nepochs: 3\n")
     (d / "a_file").write_text("not a directory")
@@ -252,7 +253,7 @@ BAD_INPUTS = [  # (arguments, exit code, what the one line must say)
     (["CONFIG=broken.yaml"], 2, "broken.yaml:3:7 (line 3, column 7): YAML syntax error: expected ',' or ']'"),
     (["RESUME=empty.pth"], 1, "empty.pth is empty (0 bytes)"),
     (["RESUME=truncated.pth"], 1, "the file is truncated or not a checkpoint"),
-    (["RESUME=unsafe.pth"], 1, "Unsupported global: GLOBAL argparse.Namespace"),
+    (["RESUME=unsafe.pth"], 1, "Unsupported global: GLOBAL fractions.Fraction"),
     (["RESUME=weights.pth"], 1, "holds weights only"),
     (["RESUME=missing.pth"], 1, "resume: checkpoint not found"),
     (["OUT=a_file"], 1, "a_file is a file, not a directory"),

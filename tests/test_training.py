@@ -178,7 +178,7 @@ def test_lvvit_with_token_labels_and_toe_end_to_end(digits, tmp_path, capsys):
         "--token_label.data", labels, "--model_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_chans: 8}",
         "--epochs", "2", "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]",
         "--toe.init_keep_rate", "0.25", "--batch_size", "128", "--num_workers", "0", "--warmup_epochs", "1",
-        "--aa", "rand-m9-mstd0.5-inc1", "--amp", "none"])
+        "--aa", "rand-m9-mstd0.5-inc1", "--amp", "none", "--cooldown_epochs", "0"])
     assert code == 0, capsys.readouterr().err
     log = read_log(tmp_path / "run")
     assert [(r["toe_stage"], r["toe_kept_tokens"]) for r in log] == [(1, 8), (2, 16)]
@@ -187,7 +187,8 @@ def test_lvvit_with_token_labels_and_toe_end_to_end(digits, tmp_path, capsys):
     code = entry.main(["--config", os.path.join(ROOT, "configs", "lvvit_t.yaml"), "--data_set", "digits",
                        "--data_path", digits, "--output_dir", str(tmp_path / "bad"), "--input_size", "64",
                        "--token_label.data", labels, "--num_workers", "0",
-                       "--model_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_chans: 8}"])
+                       "--model_kwargs", "{embed_dim: 32, depth: 2, num_heads: 2, stem_chans: 8}",
+                       "--amp", "none"])
     assert code == 2 and "token_label.size: 14 does not match" in capsys.readouterr().err
 
 

@@ -135,6 +135,10 @@ class ToE(Method):
     def boundaries(self) -> List[int]:
         return [s for s in self.schedule.expansion_steps if 0 < s < self.epochs]
 
+    def plan_state(self, clock: Clock, num_patches: int) -> str:
+        stage = self.schedule.stage(clock.epoch)
+        return f"stage {stage}, {self.schedule.kept_tokens(num_patches, stage)}/{num_patches} tokens"
+
     # --- measurement ----------------------------------------------------------------------------------------
     def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
         out = []

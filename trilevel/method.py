@@ -283,6 +283,22 @@ class TriLevel(Method):
             return []
         return swap_epochs(self.epochs, self.level.interval, self.level.max_swaps)
 
+    def plan_state(self, clock: Clock, num_patches: int) -> str:
+        """The ratios' phase (warm-up, cosine, targets) and the example level's subset and swaps, for ``--plan``."""
+        s, parts = self.section, []
+        if self.sparse:
+            r, a = self.keep_target, self.attn_target
+            if clock.epoch < s.warmup_epochs:
+                parts.append("r 1 a 1 (warm-up)")
+            elif clock.epoch < s.warmup_epochs + s.decay_epochs:
+                parts.append(f"cosine to r {r:g} a {a:g}")
+            else:
+                parts.append(f"r {r:g} a {a:g}, {' -> '.join(map(str, stage_tokens(num_patches, r, s.pruning_loc)))}")
+        if self.level is not None:
+            swap = clock.epoch in swap_epochs(clock.epochs, self.level.interval, self.level.max_swaps)
+            parts.append(f"{1 - s.pool_fraction:.0%} of the data" + (", swap" if swap else ""))
+        return "; ".join(parts)
+
     def describe(self) -> str:
         s, parts = self.section, []
         if self.sparse:
