@@ -111,6 +111,16 @@ def atomic_write(path: str, write: Callable[[Any], None], binary: bool = True) -
                 raise
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _publish(tmp, path)
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Rename the finished ``tmp`` over ``path`` and ``fsync`` the directory; on failure ``tmp`` is removed."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -147,13 +157,7 @@ def link_best(checkpoint: str, best: str) -> None:
             raise CheckpointError(f"cannot write {best}: {e.strerror or first_line(e)}; the previous best.pth is "
                                   f"intact") from None
         return
-    try:
-        os.replace(tmp, best)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(best)))
+    _publish(tmp, best)
 
 
 def reconcile_best(checkpoint: str, best: str, state: Dict[str, Any]) -> bool:

@@ -22,6 +22,7 @@ from PIL import Image
 
 import checkpoint as ckpt_io
 import main as entry
+from tests.runs import load, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -54,15 +55,6 @@ def args(tree, out, *extra):
 
 def run(tree, out, *extra):
     return entry.main(args(tree, out, *extra))
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def snapshot(out):

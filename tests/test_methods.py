@@ -7,17 +7,17 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
-from typing import List
+
 
 import pytest
 import torch
-from torch import nn
 
 import main as entry
 from config import ConfigError, build_config, load_config
 from methods import (Clock, Method, MethodError, MethodSet, TokenSite, Variant, parse_combination, register_method,
                      registry, unregister_method)
 from models.tokens import TokenPositions, restore_grid, token_positions
+from tests.runs import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -106,16 +106,6 @@ def plugins():
     yield
     unregister_method("even")
     unregister_method("keepfirst")
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data") / "digits")
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_a_method_registered_in_a_test_file_trains_through_main(plugins, digits, tmp_path):

@@ -12,9 +12,10 @@ import torch
 
 import main as entry
 from config import ConfigError, load_config
-from methods import Clock, MethodSet
+from methods import MethodSet
 from models import create_model
 from pss import PSSSchedule, iter_samplers, num_kept_patches
+from tests.runs import load, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -23,22 +24,8 @@ TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2
         "--tensorboard", "false", "--methods", "[pss]", "--pss.cooldown_epochs", "1"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data") / "digits")
-
-
 def run(digits, out, *extra):
     return entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, *extra])
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_trains_through_main_on_the_schedule_of_the_global_counter(digits, tmp_path, capsys):

@@ -27,14 +27,6 @@ def _tables():
     return mod
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from datasets import prepare_digits
-    root = str(tmp_path_factory.mktemp("data") / "digits")
-    prepare_digits(root)
-    return root
-
-
 # ------------------------------------------------------------------------------------------------ reproduces
 def test_reproduces_names_an_existing_row():
     cfg = load_config(DEMO, ["--reproduces", "{paper: toe, row: DeiT-S ToE}"])

@@ -1,7 +1,6 @@
 """End-to-end runs of main.py on the embedded digits data: outputs, checkpoints, recipes, fine-tuning.
 
 Resume, signals, kills, two-process runs and bad inputs: tests/test_faults.py."""
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import torch
 
 import engine
 import main as entry
+from tests.runs import load, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -21,26 +21,12 @@ TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2
         "--batch_size", "128", "--warmup_epochs", "1", "--print_freq", "5"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data") / "digits")
-
-
 def run(digits, out, *extra):
     return entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, *extra])
 
 
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def val_size(root):
     return sum(len(files) for _, _, files in os.walk(os.path.join(root, "val")))
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_tiny_run_writes_every_output(digits, tmp_path, capsys):

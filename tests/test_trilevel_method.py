@@ -4,7 +4,6 @@ on one process and on two under torchrun/gloo, ``per_rank`` and ``global``), one
 
 The reference behaviour of the operators and the selector is checked in ``tests/test_trilevel.py``.
 """
-import copy
 import io
 import json
 import os
@@ -26,6 +25,7 @@ from trilevel import find_trilevel, set_enabled
 from trilevel.cost import ForwardCost, ViTDims, representative_states, stage_tokens
 from trilevel.method import TriLevel
 from trilevel.schedule import keep_rate
+from tests.runs import load, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -43,25 +43,8 @@ def section(**kw) -> str:
     return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in base.items()) + "}"
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from datasets import prepare_digits
-    root = str(tmp_path_factory.mktemp("data") / "digits")
-    prepare_digits(root)
-    return root
-
-
 def run(digits, out, *extra):
     return entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, *extra])
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def assert_same_weights(a, b):
