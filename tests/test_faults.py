@@ -167,6 +167,12 @@ def test_sigterm_saves_the_current_iteration_and_resume_matches_an_uninterrupted
     assert log[1]["train_loss"] == ref_log[1]["train_loss"] and log[1]["global_step"] == 2 * ITERS
 
 
+def _default_signals():
+    """A shell that starts the suite in the background hands its children SIGINT ignored; Ctrl-C must reach this one."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_sigint_from_outside_and_a_second_run_on_the_locked_directory(tree, reference, tmp_path, capsys):
     """Ctrl-C reaches the process group (the loader worker too); meanwhile a second run finds the lock."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")           # the threads of this process: the same float sums
@@ -175,7 +181,7 @@ def test_sigint_from_outside_and_a_second_run_on_the_locked_directory(tree, refe
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"),
                                  *args(tree, out, "--num_workers", "1", "--print_freq", "1")],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_signals)
         try:
             for line in proc.stdout:
                 if "Epoch [1/2] [2/" in line:
