@@ -63,7 +63,7 @@ class Config:
     finetune: str = ""                         # initialise weights from a checkpoint, fresh optimizer and schedule
     save_every: int = 1                        # epochs between checkpoint.pth writes
     # --- reproduction ----------------------------------------------------------------------------------------
-    reproduces: Optional[Dict[str, Any]] = None   # the published row this recipe reproduces, {paper: ..., row: ...} (methods.published_rows(); scripts/tables.py)
+    reproduces: Any = None   # the published row(s) this recipe reproduces: {paper: ..., row: ...} or a list of them (methods.published_rows(); scripts/tables.py)
     nproc: Optional[int] = None                # processes the recipe expects ("4 x 256"); a run with another count says how its global batch and lr differ
     # --- data ------------------------------------------------------------------------------------------------
     data_set: str = "imagenet"                 # imagenet | cifar10 | cifar100 | folder | digits
@@ -490,9 +490,16 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def check_reproduces(value: Dict[str, Any]) -> None:
-    """``reproduces: {paper: P, row: R}`` names a row of :func:`methods.published_rows` (one line otherwise)."""
+def check_reproduces(value: Any) -> None:
+    """``reproduces: {paper: P, row: R}`` (or a list of them: a baseline recipe is a row of several tables) names
+    rows of :func:`methods.published_rows` (one line otherwise)."""
     from methods import published_rows
+    if isinstance(value, list) and value:
+        for item in value:
+            check_reproduces(item)
+        return
+    if not isinstance(value, dict):
+        raise ConfigError(f"reproduces: expected a mapping {{paper: NAME, row: LABEL}} or a list of them, got {value!r}")
     if set(value) != {"paper", "row"} or not all(isinstance(v, str) for v in value.values()):
         raise ConfigError(f"reproduces: {value!r} must be {{paper: NAME, row: LABEL}} (two strings), e.g. "
                           f"{{paper: toe, row: DeiT-S ToE}}")

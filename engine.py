@@ -103,7 +103,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                     print_freq: int = 20, world_size: int = 1, methods: Optional[MethodSet] = None,
                     global_step: int = 0, iters_per_epoch: Optional[int] = None, start_step: int = 0,
                     resumed: Optional[Dict[str, Any]] = None, on_start: Optional[Callable[[], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, Any]:
+                    should_stop: Optional[Callable[[], bool]] = None, input_size: Optional[int] = None) -> Dict[str, Any]:
     """Train for one epoch; returns averaged metrics. Stops with :class:`NonFiniteLossError` on a NaN/inf loss.
 
     Batches are ``(images, *targets, dataset indices)``. ``global_step`` is the iteration counter at the start of
@@ -115,6 +115,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     the loader's iterator exists (the trainer restores the RNG states there, after the loader drew its seed). After
     every optimizer update but the epoch's last, ``should_stop()`` is asked (a collective under DDP); when it says
     yes the epoch ends there and the result holds ``stopped_at`` (iterations of the epoch done) and ``progress``.
+    With ``input_size`` (a curriculum's current size) batches of another size are brought to it by the methods
+    (:meth:`methods.MethodSet.resize_images`) before mixup, as EfficientTrain does.
     """
     model.train()
     if criterion is not None:
@@ -145,6 +147,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             # (images, class) or, with token labels, (images, class, label map): the criterion gets the rest as targets
             targets = to_device(data[1] if len(data) == 2 else tuple(data[1:]), device)
             labels = targets if torch.is_tensor(targets) else targets[0]
+            if input_size is not None and images.shape[-1] != input_size:
+                images = methods.resize_images(images, input_size)
             if mixup_fn is not None:
                 images, targets = mixup_fn(images, targets)
             update = (it + 1) % accum_steps == 0 or it + 1 == num_iters
@@ -213,13 +217,17 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
-    """Top-1/top-5 and loss over the whole (sharded, unpadded) validation set, summed exactly across ranks."""
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             resize: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
+    """Top-1/top-5 and loss over the whole (sharded, unpadded) validation set, summed exactly across ranks
+    (``resize``: what brings a batch to the model's input size, when the loader's is another)."""
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]   # loss, top1, top5, count
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        if resize is not None:
+            images = resize(images)
         with autocast(device, amp_dtype):
             output = model(images)
         output = output.float()

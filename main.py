@@ -23,6 +23,8 @@ Exit codes:
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -47,10 +49,11 @@ from engine import AmpError, DistillationLoss, NonFiniteLossError, evaluate, res
 from logger import RunLogger, format_seconds, trim_log
 from methods import Clock, MethodError, MethodSet
 from models import create_model
+from models.resize import ResizeError, at_input_size, input_size_of, set_input_size
 from token_labels import TokenLabelError
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3
-CONFIG_ERRORS = (ConfigError, MethodError, DeviceError, AmpError)
+CONFIG_ERRORS = (ConfigError, MethodError, DeviceError, AmpError, ResizeError)
 RUN_ERRORS = (DatasetError, TokenLabelError, CheckpointError, RunDirError, NonFiniteLossError)
 SCHEDULE_KEYS = ("lr", "epochs", "warmup_epochs", "min_lr", "warmup_lr", "sched", "decay_epochs", "decay_rate",
                  "lr_base_batch", "unscale_lr", "batch_size", "grad_accum_steps", "cooldown_epochs", "sched_step")
@@ -189,6 +192,32 @@ def scaled_lr(cfg: Config, world_size: int) -> float:
     return cfg.lr * cfg.batch_size * world_size * cfg.grad_accum_steps / cfg.lr_base_batch
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The recipe in force for an epoch: the config's values, with what the methods' :class:`methods.Recipe` of
+    that epoch changes (a curriculum's batch, accumulation, RandAugment and input size)."""
+    batch_size: int
+    grad_accum_steps: int
+    aa: Optional[str]
+    input_size: int
+    eval_size: int
+
+    def loader_key(self) -> Tuple[int, Optional[str]]:
+        return self.batch_size, self.aa
+
+
+def settings_at(cfg: Config, methods: MethodSet, epoch: int) -> Settings:
+    rc = methods.recipe(epoch)
+    pick = lambda mine, default: default if mine is None else mine       # noqa: E731
+    return Settings(pick(rc.batch_size, cfg.batch_size), pick(rc.grad_accum_steps, cfg.grad_accum_steps),
+                    pick(rc.aa, cfg.aa), pick(rc.input_size, cfg.input_size), pick(rc.eval_size, cfg.input_size))
+
+
+def recipe_config(cfg: Config, s: Settings) -> Config:
+    """``cfg`` with an epoch's loader settings (for :func:`datasets.build_loaders`)."""
+    return dataclasses.replace(cfg, batch_size=s.batch_size, grad_accum_steps=s.grad_accum_steps, aa=s.aa)
+
+
 # ------------------------------------------------------------------------------------------------ building a run
 @dataclass
 class Position:
@@ -225,6 +254,8 @@ class Run:
     start: Position = field(default_factory=Position)
     best: Dict[str, Any] = field(default_factory=dict)
     iters_per_epoch: Optional[int] = None
+    settings: Optional[Settings] = None       # the recipe of the epoch being trained (and of the train loader)
+    resizing: bool = False                    # a method changes the input size (the model follows it)
 
 
 def on_main(dist: DistInfo, fn) -> None:
@@ -265,10 +296,10 @@ def load_resume(cfg: Config) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
     return path, ckpt_io.load_checkpoint(path, "resume")
 
 
-def build_model(cfg: Config, nb_classes: int, methods: MethodSet) -> nn.Module:
+def build_model(cfg: Config, nb_classes: int, methods: MethodSet, img_size: Optional[int] = None) -> nn.Module:
     """The timm ViT, patched by the methods; a model timm cannot build from the config is one line naming the key."""
     try:
-        model = create_model(cfg, nb_classes, methods)
+        model = create_model(cfg, nb_classes, methods, img_size=img_size or cfg.input_size)
     except (MethodError, ConfigError):
         raise
     except TypeError as e:
@@ -374,6 +405,9 @@ def restore(r: Run, path: str, ckpt: Dict[str, Any]) -> None:
     hyper-parameters), scaler, position, best record; one line per config key that changed since it was written."""
     cfg, log = r.cfg, r.log
     rs = ckpt_io.resume_state(ckpt, path)
+    saved_size = (ckpt.get("clock") or {}).get("input_size")
+    if r.resizing and saved_size:
+        set_input_size(r.model, int(saved_size), [r.optimizer])   # the size it was saved at, before weights and moments load
     ckpt_io.load_weights_strict(r.model, ckpt_io.model_state(ckpt), f"resume {path}")
     if cfg.resume_optimizer:
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in r.optimizer.param_groups]
@@ -412,7 +446,8 @@ def check_mid_epoch(r: Run, rs: ResumeState) -> None:
     """A checkpoint taken inside an epoch continues only where its batches mean the same thing."""
     mid, cfg = rs.mid_epoch, r.cfg
     sampler = r.train_loader.sampler
-    now = {"world_size": r.dist.world_size, "batch_size": cfg.batch_size, "grad_accum_steps": cfg.grad_accum_steps}
+    now = {"world_size": r.dist.world_size, "batch_size": r.settings.batch_size,
+           "grad_accum_steps": r.settings.grad_accum_steps}
     diff = [f"{k} {mid.get(k)} -> {v}" for k, v in now.items() if mid.get(k) != v]
     if not diff:
         mine = mid["ranks"][r.dist.rank]
@@ -439,10 +474,7 @@ def wrap(r: Run, ckpt: Optional[Dict[str, Any]], path: Optional[str]) -> None:
     """DDP (which makes every rank's weights rank 0's), then the EMA from those synchronised weights, then the
     methods see every model that carries their patch."""
     cfg = r.cfg
-    r.ddp_model = r.model
-    if r.dist.distributed:
-        dev = r.dist.device
-        r.ddp_model = DistributedDataParallel(r.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    rewrap(r)
     if cfg.model_ema:
         from timm.utils import ModelEmaV3
         r.model_ema = ModelEmaV3(r.model, decay=cfg.model_ema_decay)
@@ -451,7 +483,16 @@ def wrap(r: Run, ckpt: Optional[Dict[str, Any]], path: Optional[str]) -> None:
             ckpt_io.load_weights_strict(r.model_ema.module, ema, f"resume {path} (EMA)")
             r.ema_loaded = True
     r.methods.attach([r.model, r.model_ema.module if r.model_ema is not None else None])
-    r.train_model = torch.compile(r.ddp_model) if cfg.compile else r.ddp_model
+
+
+def rewrap(r: Run) -> None:
+    """DDP around the bare model (again after its parameters changed shape: DDP sizes its buckets once), and
+    ``torch.compile`` when asked."""
+    r.ddp_model = r.model
+    if r.dist.distributed:
+        dev = r.dist.device
+        r.ddp_model = DistributedDataParallel(r.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    r.train_model = torch.compile(r.ddp_model) if r.cfg.compile else r.ddp_model
 
 
 def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
@@ -460,10 +501,17 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     r.amp_dtype = resolve_amp(cfg.amp, dist.device)
     resume_file, ckpt = load_resume(cfg)
     seed_all(cfg.seed + dist.rank)
-    r.train_loader, r.val_loader, nb_classes = build_loaders(cfg, dist.rank, dist.world_size, cfg.seed)
-    r.nb_classes = check_num_classes(cfg.nb_classes, nb_classes)
     r.methods = MethodSet.from_config(cfg)
-    r.model = build_model(cfg, r.nb_classes, r.methods)
+    total = cfg.total_epochs()
+    r.resizing = any(settings_at(cfg, r.methods, e).input_size != cfg.input_size
+                     or settings_at(cfg, r.methods, e).eval_size != cfg.input_size for e in range(total))
+    start = ckpt_io.resume_state(ckpt, resume_file).next_epoch if ckpt is not None and not cfg.eval else 0
+    r.settings = settings_at(cfg, r.methods, min(start, max(total - 1, 0)))
+    r.train_loader, r.val_loader, nb_classes = build_loaders(recipe_config(cfg, r.settings), dist.rank,
+                                                             dist.world_size, cfg.seed)
+    check_recipe_batches(r, total)
+    r.nb_classes = check_num_classes(cfg.nb_classes, nb_classes)
+    r.model = build_model(cfg, r.nb_classes, r.methods, img_size=cfg.input_size if cfg.eval else r.settings.input_size)
     check_model(cfg, r.model)
     if cfg.finetune:
         report = ckpt_io.adapt_for_finetune(r.model, ckpt_io.model_state(ckpt_io.load_checkpoint(cfg.finetune, "finetune")),
@@ -476,6 +524,9 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     r.criterion, r.mixup_fn = build_criterion(cfg, r.nb_classes, dist.device)
     if ckpt is not None:
         if cfg.eval:
+            saved_size = (ckpt.get("clock") or {}).get("input_size")
+            if r.resizing and saved_size:
+                set_input_size(r.model, int(saved_size))
             ckpt_io.load_weights_strict(r.model, ckpt_io.model_state(ckpt), f"resume {resume_file}")
         else:
             restore(r, resume_file, ckpt)
@@ -485,13 +536,67 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     return r
 
 
+def check_recipe_batches(r: Run, total: int) -> None:
+    """Every epoch's per-process batch (a curriculum may double it) fits the samples each process gets."""
+    have = len(r.train_loader.sampler)
+    for e in range(total):
+        s = settings_at(r.cfg, r.methods, e)
+        if s.batch_size > have:
+            raise DatasetError(f"batch_size: epoch {e + 1} trains with a per-process batch of {s.batch_size} (the "
+                               f"methods' recipe) but each of {r.dist.world_size} process(es) gets {have} samples per "
+                               f"epoch from {r.cfg.data_path}; lower batch_size")
+
+
+def apply_recipe(r: Run, epoch: int) -> None:
+    """Put the run in ``epoch``'s recipe: rebuild the train loader for a new batch or RandAugment (same process),
+    resize the model, its EMA and the position embedding's optimizer moments for a new input size (and wrap it in
+    DDP again). One log line says what changed."""
+    cfg, new = r.cfg, settings_at(r.cfg, r.methods, epoch)
+    changed = []
+    if new.loader_key() != r.settings.loader_key():
+        r.train_loader = build_loaders(recipe_config(cfg, new), r.dist.rank, r.dist.world_size, cfg.seed)[0]
+        r.iters_per_epoch = len(r.train_loader)
+        changed.append(f"batch {new.batch_size}/process, RandAugment {new.aa or 'none'}")
+    if new.grad_accum_steps != r.settings.grad_accum_steps:
+        changed.append(f"accumulation {new.grad_accum_steps}")
+    if r.resizing and new.input_size != input_size_of(r.model):
+        r.ddp_model = r.train_model = None          # the old DDP wrapper goes before the parameter changes
+        set_input_size(r.model, new.input_size, [r.optimizer])
+        if r.model_ema is not None:
+            set_input_size(r.model_ema.module, new.input_size)
+        rewrap(r)
+        changed.append(f"input {new.input_size}px ({r.model.patch_embed.num_patches} patches)")
+    if changed:
+        r.log.info(f"epoch {epoch + 1}: recipe now " + ", ".join(changed))
+    r.settings = new
+
+
+@contextlib.contextmanager
+def at_eval_size(r: Run):
+    """The models to evaluate, at the recipe's eval size for the duration, and what brings val batches to it:
+    ``(model, ema, resize)``. Without a size-changing method: the training models as they are."""
+    ema = r.model_ema.module if r.model_ema is not None else None
+    if not r.resizing:
+        yield r.ddp_model, ema, None
+        return
+    size = r.settings.eval_size
+    resize = None if size == r.cfg.input_size else (lambda x: r.methods.resize_images(x, size))
+    with contextlib.ExitStack() as stack:
+        for m in (r.model, ema):
+            if m is not None:
+                stack.enter_context(at_input_size(m, size))
+        yield r.model, ema, resize
+
+
 # ------------------------------------------------------------------------------------------------ evaluation only
 def evaluate_only(r: Run) -> Dict[str, Any]:
     """Score the weights (and their EMA); print them and write ``eval.json`` (the run's config.yaml is left alone)."""
     cfg, dev = r.cfg, r.dist.device
-    stats = {"model": evaluate(r.ddp_model, r.val_loader, dev, r.amp_dtype)}
-    if r.ema_loaded:
-        stats["ema"] = evaluate(r.model_ema.module, r.val_loader, dev, r.amp_dtype)
+    r.settings = dataclasses.replace(r.settings, eval_size=cfg.input_size)
+    with at_eval_size(r) as (model, ema, resize):
+        stats = {"model": evaluate(model, r.val_loader, dev, r.amp_dtype, resize)}
+        if r.ema_loaded:
+            stats["ema"] = evaluate(ema, r.val_loader, dev, r.amp_dtype, resize)
     for who, s in stats.items():
         r.log.info(f"eval {who}: top-1 {s['acc1']:.2f}  top-5 {s['acc5']:.2f}  loss {s['loss']:.4f}  on {s['count']} images")
     if r.dist.is_main:
@@ -574,7 +679,8 @@ def checkpoint_state(r: Run, last_done: int, at: Position, methods_state, mid=No
             "scaler": r.scaler.state_dict() if r.scaler is not None else None,
             "epoch": last_done, "global_step": at.global_step,
             "clock": {"epoch": at.epoch, "step": at.step, "global_step": at.global_step,
-                      "iters_per_epoch": r.iters_per_epoch},
+                      "iters_per_epoch": r.iters_per_epoch,
+                      **({"input_size": input_size_of(r.model)} if r.resizing else {})},
             "mid_epoch": mid, "methods": methods_state, "best": r.best, "config": r.cfg.to_dict(),
             "version": ckpt_io.VERSION}
 
@@ -591,8 +697,8 @@ def save_mid_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[l
     step = stats["stopped_at"]
     path = os.path.join(r.cfg.output_dir, "checkpoint.pth")
     if r.dist.is_main:
-        mid = {"position": step * r.cfg.batch_size, "world_size": r.dist.world_size, "batch_size": r.cfg.batch_size,
-               "grad_accum_steps": r.cfg.grad_accum_steps, "ranks": ranks}
+        mid = {"position": step * r.settings.batch_size, "world_size": r.dist.world_size,
+               "batch_size": r.settings.batch_size, "grad_accum_steps": r.settings.grad_accum_steps, "ranks": ranks}
         state = checkpoint_state(r, epoch - 1, Position(epoch, step, global_step), methods_state, mid)
         ckpt_io.save_checkpoint(state, path)
     barrier()
@@ -606,13 +712,14 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
     at the end and when a signal asks to stop) and, when it improved, link best.pth to it. Returns the record and
     whether to stop."""
     cfg, dev, log = r.cfg, r.dist.device, r.log
-    val = evaluate(r.ddp_model, r.val_loader, dev, r.amp_dtype)
-    val_ema = (evaluate(r.model_ema.module, r.val_loader, dev, r.amp_dtype)
-               if r.model_ema is not None and cfg.model_ema_eval else None)
-    val_extra = {}
-    for suffix, setting in r.methods.eval_variants().items():
-        with setting():
-            val_extra[suffix] = evaluate(r.ddp_model, r.val_loader, dev, r.amp_dtype)
+    with at_eval_size(r) as (model, ema, resize):
+        val = evaluate(model, r.val_loader, dev, r.amp_dtype, resize)
+        val_ema = (evaluate(ema, r.val_loader, dev, r.amp_dtype, resize)
+                   if ema is not None and cfg.model_ema_eval else None)
+        val_extra = {}
+        for suffix, setting in r.methods.eval_variants().items():
+            with setting():
+                val_extra[suffix] = evaluate(model, r.val_loader, dev, r.amp_dtype, resize)
     score = (val_ema if cfg.best_on == "ema" else val)["acc1"]
     improved = score > r.best["acc1"]
     if improved:
@@ -663,21 +770,23 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
     train_seconds, compute_seconds, images_seen, history = 0.0, 0.0, 0, []
     stop.armed = True
     for epoch in range(r.start.epoch, cfg.total_epochs()):
+        apply_recipe(r, epoch)
         subset, done, resumed = begin_epoch(r, epoch, global_step)
         epoch_start_step = global_step - done
         stats = train_one_epoch(
             r.train_model, r.criterion, r.train_loader, r.optimizer, dist.device, epoch, cfg.total_epochs(), log,
             amp_dtype=r.amp_dtype, scaler=r.scaler, model_ema=r.model_ema, mixup_fn=r.mixup_fn,
-            clip_grad=cfg.clip_grad, accum_steps=cfg.grad_accum_steps, print_freq=cfg.print_freq,
+            clip_grad=cfg.clip_grad, accum_steps=r.settings.grad_accum_steps, print_freq=cfg.print_freq,
             world_size=dist.world_size, methods=r.methods, global_step=epoch_start_step,
-            iters_per_epoch=r.iters_per_epoch, should_stop=lambda: stop.requested(dist.device), **resumed)
+            iters_per_epoch=r.iters_per_epoch, should_stop=lambda: stop.requested(dist.device),
+            input_size=r.settings.input_size if r.resizing else None, **resumed)
         global_step = epoch_start_step + stats["iters"]
         if "stopped_at" in stats:
             save_mid_epoch(r, epoch, stats, subset, global_step, stop)
         r.scheduler.step(lr_epoch(cfg, epoch + 1))
         train_seconds += stats["epoch_seconds"]
         compute_seconds += stats["compute_seconds"]
-        images_seen += (stats["iters"] - done) * cfg.batch_size * dist.world_size
+        images_seen += (stats["iters"] - done) * r.settings.batch_size * dist.world_size
         record, stopping = end_epoch(r, epoch, stats, subset, global_step, wall_start, stop)
         history.append(record)
         if stopping:

@@ -259,9 +259,9 @@ def model_flops(cfg, num_classes: int, input_size: Optional[int] = None, images:
     in_chans = input_channels(plain)
     prefix = int(getattr(plain, "num_prefix_tokens", 1))
 
-    def measured(label, model, share, epochs, ops, apply=None) -> VariantFlops:
-        count = count_flops(model, size, in_chans, ops)
-        analytic = analytic_vit_flops(**dims, block_tokens=count.block_tokens) if dims else {}
+    def measured(label, model, share, epochs, ops, apply=None, at: int = size) -> VariantFlops:
+        count = count_flops(model, at, in_chans, ops)
+        analytic = analytic_vit_flops(**{**dims, "img_size": at}, block_tokens=count.block_tokens) if dims else {}
         patch_tokens = min(count.block_tokens) - prefix if count.block_tokens else 0
         return VariantFlops(label, share, epochs, patch_tokens, count, analytic, apply)
 
@@ -273,8 +273,8 @@ def model_flops(cfg, num_classes: int, input_size: Optional[int] = None, images:
         ops = methods.op_modules(model)
         iters = iterations_per_epoch(cfg, images or 1_281_167, world_size)
         for v in methods.variants(num_patches, cfg.epochs, iters):
-            v.apply(model)
-            vf = measured(v.label, model, v.share, v.epochs, ops, v.apply)
+            v.apply(model)              # a state with its own input_size resizes the model (a curriculum phase)
+            vf = measured(v.label, model, v.share, v.epochs, ops, v.apply, v.input_size or size)
             vf.variant = v
             vf.same_as_full = (vf.fvcore.method_op == 0 and not vf.fvcore.op_acted
                                and vf.fvcore.total == full.fvcore.total
@@ -448,6 +448,7 @@ class Timed:
     apply: Optional[Callable[[nn.Module], None]]
     patch_tokens: int
     forward_flops: float
+    size: int = 224                            # the input size of this state
     activations_mb: Optional[float] = None
     step_s: List[float] = field(default_factory=list)
     peak_mb: List[float] = field(default_factory=list)
@@ -462,7 +463,7 @@ class _OpTimer:
     under compilation this is an upper bound.
     """
 
-    def __init__(self, ops: Sequence[nn.Module], images: torch.Tensor, autocast, device: torch.device):
+    def __init__(self, ops: Sequence[nn.Module], images: Callable[[int], torch.Tensor], autocast, device: torch.device):
         self.ops, self.images, self.autocast, self.device = list(ops), images, autocast, device
         self.inputs: Dict[str, List[Tuple[nn.Module, torch.Tensor]]] = {}
 
@@ -474,7 +475,7 @@ class _OpTimer:
                  for op in self.ops]
         try:
             with torch.no_grad(), self.autocast():
-                t.model(self.images)
+                t.model(self.images(t.size))
         finally:
             for h in hooks:
                 h.remove()
@@ -518,28 +519,48 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
         log("counting FLOPs (fvcore) ...")
         flops = model_flops(cfg, num_classes, size)
     methods = MethodSet.from_config(cfg)
-    plain = create_model(cfg, num_classes, MethodSet([]), img_size=size).to(dev).train()
-    patched = create_model(cfg, num_classes, methods, img_size=size).to(dev).train() if len(methods) else None
-    runners = {id(m): (torch.compile(m, dynamic=False) if compile else m) for m in (plain, patched) if m is not None}
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
-                  for k, m in ((id(plain), plain), (id(patched), patched)) if m is not None}
+    runners: Dict[int, nn.Module] = {}
+    optimizers: Dict[int, torch.optim.Optimizer] = {}
+
+    def prepared(m: nn.Module) -> nn.Module:
+        m = m.to(dev).train()
+        runners[id(m)] = torch.compile(m, dynamic=False) if compile else m
+        optimizers[id(m)] = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
+        return m
+
+    plain = prepared(create_model(cfg, num_classes, MethodSet([]), img_size=size))
+    patched_at: Dict[int, nn.Module] = {}        # the patched model per input size (a curriculum's phases)
+
+    def patched(at: int) -> nn.Module:
+        if at not in patched_at:
+            patched_at[at] = prepared(create_model(cfg, num_classes, methods, img_size=at))
+        return patched_at[at]
     scaler = torch.amp.GradScaler(dev.type) if amp == "fp16" else None
     in_chans = input_channels(plain)
     gen = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(batch_size, in_chans, size, size, generator=gen).to(dev)
     labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
+    images_at = {size: images}
+
+    def images_for(at: int) -> torch.Tensor:
+        if at not in images_at:
+            images_at[at] = F.interpolate(images, size=(at, at), mode="bilinear", antialias=True)
+        return images_at[at]
 
     full = flops["full"]
-    timed = [Timed("full tokens", plain, None, full.patch_tokens, full.fvcore.total)]
-    timed += [Timed(v.label, patched, v.apply, v.patch_tokens, v.fvcore.total)
-              for v in flops["variants"] if not v.same_as_full]
+    timed = [Timed("full tokens", plain, None, full.patch_tokens, full.fvcore.total, size)]
+    for v in flops["variants"]:
+        if not v.same_as_full:
+            at = (v.variant.input_size if v.variant is not None else None) or size
+            timed.append(Timed(v.label, patched(at), v.apply, v.patch_tokens, v.fvcore.total, at))
     mem = _MemMeter(dev)
-    op_timer = _OpTimer(methods.op_modules(patched) if patched is not None else [], images, autocast, dev)
+    ops = [op for m in patched_at.values() for op in methods.op_modules(m)]
+    op_timer = _OpTimer(ops, images_for, autocast, dev)
 
     def step(t: Timed) -> None:
         opt = optimizers[id(t.model)]
         with autocast():
-            loss = training_loss(runners[id(t.model)](images), labels)
+            loss = training_loss(runners[id(t.model)](images_for(t.size)), labels)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -570,7 +591,7 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
                 if peak is not None:
                     t.peak_mb.append(peak)
             if t.activations_mb is None:
-                t.activations_mb = saved_activations_mb(t.model, images, labels, autocast)
+                t.activations_mb = saved_activations_mb(t.model, images_for(t.size), labels, autocast)
             if t.apply is not None:
                 op_timer.capture(t)
                 op = op_timer.time(t)

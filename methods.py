@@ -11,7 +11,9 @@ defines one :class:`Method` subclass and registers it under the name of its conf
 
 The engine and the entrypoint only ever talk to a :class:`MethodSet` at a handful of typed points (the nearest
 anchor is MosaicML Composer's algorithms and events, kept smaller): build the model (``patch``), follow the training
-clock (``on_epoch`` / ``on_step``), choose and observe training examples (``train_indices`` / ``observe``), report
+clock (``on_epoch`` / ``on_step``), change the recipe per epoch (``recipe``: input size, batch, RandAugment; the
+trainer rebuilds the loaders and resizes the model), choose and observe training examples (``train_indices`` /
+``observe``), report
 (``epoch_fields`` / ``progress`` / ``summary``), checkpoint (``state_dict``), evaluate (``eval_variants``) and be
 measured (``variants`` / ``op_modules`` / ``inference_knob``). Every hook has a do-nothing default, so a method
 implements only what it changes. Packages beside this file that hold a ``method.py`` are imported on first use of
@@ -75,6 +77,7 @@ class Variant:
     epochs: Optional[Tuple[int, int]] = None      # [first, last) when the state is a span of epochs
     # per epoch, the fraction of that epoch's iterations in this state (default: from `epochs`, else `share`)
     epoch_shares: Optional[Sequence[float]] = None
+    input_size: Optional[int] = None              # the image size of this state (None: the config's input_size)
 
     def share_in_epoch(self, epoch: int) -> float:
         if self.epoch_shares is not None:
@@ -82,6 +85,32 @@ class Variant:
         if self.epochs is not None:
             return 1.0 if self.epochs[0] <= epoch < self.epochs[1] else 0.0
         return self.share
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a method changes in the training recipe for one epoch; ``None`` keeps the config's value.
+
+    The trainer applies it at the epoch's start: a new ``batch_size``, ``grad_accum_steps`` or ``aa`` rebuilds the
+    training loader (in the same process); a new ``input_size`` resizes the model (its absolute position embedding
+    and that parameter's optimizer moments follow, see :func:`models.resize.set_input_size`) and the loader's images
+    are brought to that size by :meth:`Method.resize_images`; ``eval_size`` is the size evaluation runs at.
+    """
+    batch_size: Optional[int] = None          # per process
+    grad_accum_steps: Optional[int] = None
+    aa: Optional[str] = None                  # timm RandAugment / auto-augment policy string
+    input_size: Optional[int] = None
+    eval_size: Optional[int] = None
+
+    def merged(self, other: "Recipe", names: Tuple[str, str]) -> "Recipe":
+        """This recipe with ``other``'s settings added; two methods may not set the same field."""
+        out = {}
+        for f in self.__dataclass_fields__:
+            a, b = getattr(self, f), getattr(other, f)
+            if a is not None and b is not None and a != b:
+                raise MethodError(f"methods: {names[0]} and {names[1]} both set the recipe's {f} ({a} / {b}); use one")
+            out[f] = a if a is not None else b
+        return Recipe(**out)
 
 
 @dataclass
@@ -175,7 +204,15 @@ class Method:
     def on_step(self, clock: Clock) -> None:
         """Before every training iteration, when ``per_step`` is set."""
 
-    # --- the data -----------------------------------------------------------------------------------------
+    # --- the recipe and the data -------------------------------------------------------------------------
+    def recipe(self, epoch: int) -> Recipe:
+        """The recipe settings this method imposes in ``epoch`` (default: none)."""
+        return Recipe()
+
+    def resize_images(self, images: torch.Tensor, size: int) -> Optional[torch.Tensor]:
+        """A batch brought to ``size`` px, for a method whose recipe changes ``input_size`` (``None``: not mine)."""
+        return None
+
     def train_indices(self, epoch: int, dataset_len: int) -> Optional[Sequence[int]]:
         """Dataset indices to train on this epoch (``None``: all)."""
         return None
@@ -370,6 +407,23 @@ class MethodSet:
         for m in self.per_step:
             m.on_step(clock)
 
+    def recipe(self, epoch: int) -> Recipe:
+        out, owner = Recipe(), ""
+        for m in self.methods:
+            mine = m.recipe(epoch)
+            if mine != Recipe():
+                out, owner = out.merged(mine, (owner, m.name)), owner or m.name
+        return out
+
+    def resize_images(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """``images`` at ``size`` px, by the method that changes the input size (else antialiased bilinear)."""
+        for m in self.methods:
+            out = m.resize_images(images, size)
+            if out is not None:
+                return out
+        return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                               align_corners=False)
+
     def train_indices(self, epoch: int, dataset_len: int) -> Optional[List[int]]:
         """The intersection of what every method asks for (``None``: the whole dataset)."""
         chosen: Optional[set] = None
@@ -441,10 +495,14 @@ class MethodSet:
                     v.apply(model)
             spans = [v.epochs for v in combo if v.epochs is not None]
             tokens = [v.patch_tokens for v in combo if v.patch_tokens is not None]
+            sizes = [v.input_size for v in combo if v.input_size is not None]
             per_epoch = [_product(v.share_in_epoch(e) for v in combo) for e in range(epochs)]
             share = sum(per_epoch) / epochs if len(combo) > 1 else combo[0].share
+            if len(combo) > 1 and share == 0:
+                continue                 # states that never meet (e.g. a curriculum phase and a later ToE stage)
             out.append(Variant(" + ".join(v.label for v in combo), share, apply, min(tokens) if tokens else None,
-                               spans[0] if len(spans) == 1 else None, per_epoch if len(combo) > 1 else combo[0].epoch_shares))
+                               spans[0] if len(spans) == 1 else None, per_epoch if len(combo) > 1 else combo[0].epoch_shares,
+                               sizes[0] if sizes else None))
         return out
 
     def inference_knobs(self) -> List[InferenceKnob]:

@@ -38,6 +38,7 @@ def _lrs(cfg, nproc: int, epochs: int) -> List[Optional[float]]:
 def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """``(rows, totals)`` of the run's schedule (see the module docstring)."""
     import measure
+    from main import settings_at
     nproc = int(nproc or cfg.nproc or 1)
     total = cfg.total_epochs()
     try:
@@ -46,15 +47,17 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
         images = None
     iters = measure.iterations_per_epoch(cfg, images or 1_281_167, nproc)
     methods = MethodSet.from_config(cfg)
-    patches = (cfg.input_size // int(cfg.model_kwargs.get("patch_size", _patch_size(cfg.model)))) ** 2
+    patch = int(cfg.model_kwargs.get("patch_size", _patch_size(cfg.model)))
     lrs = _lrs(cfg, nproc, total)
     rows: List[Dict[str, Any]] = []
     for e in range(total):
         phase = "warm-up" if e < cfg.warmup_epochs else ("cooldown" if e >= cfg.epochs else "")
         clock = Clock(e, 0, e * iters, iters, total)
-        state = {"phase": phase, "input_size": cfg.input_size, "aa": cfg.aa or "none",
-                 "batch": f"{cfg.batch_size} x {nproc} x {cfg.grad_accum_steps} = "
-                          f"{cfg.batch_size * nproc * cfg.grad_accum_steps}",
+        s = settings_at(cfg, methods, e)          # the config's recipe with what the methods change this epoch
+        patches = (s.input_size // patch) ** 2
+        state = {"phase": phase, "input_size": s.input_size, "aa": s.aa or "none",
+                 "batch": f"{s.batch_size} x {nproc} x {s.grad_accum_steps} = "
+                          f"{s.batch_size * nproc * s.grad_accum_steps}",
                  **{m.name: m.plan_state(clock, patches) or "-" for m in methods}}
         if rows and rows[-1]["state"] == state:
             rows[-1]["last"] = e

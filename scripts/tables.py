@@ -54,14 +54,19 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def reproduces_of(cfg) -> Optional[Tuple[str, str]]:
-    """``(paper, row)`` of the config's ``reproduces`` key (a mapping or an object), or ``None`` without one."""
+def reproduces_of(cfg) -> Optional[List[Tuple[str, str]]]:
+    """``[(paper, row), ...]`` of the config's ``reproduces`` key (a mapping, an object or a list of them), or
+    ``None`` without one."""
     value = getattr(cfg, "reproduces", None)
     if not value:
         return None
-    get = value.get if isinstance(value, dict) else (lambda k: getattr(value, k, None))
-    paper, row = get("paper"), get("row")
-    return (str(paper), str(row)) if paper and row else None
+    out = []
+    for item in (value if isinstance(value, list) else [value]):
+        get = item.get if isinstance(item, dict) else (lambda k, item=item: getattr(item, k, None))
+        paper, row = get("paper"), get("row")
+        if paper and row:
+            out.append((str(paper), str(row)))
+    return out or None
 
 
 def matches(cfg, row: PublishedRow) -> bool:
@@ -92,13 +97,15 @@ def published_for(cfg, rows: Sequence[PublishedRow]) -> List[PublishedRow]:
     named = reproduces_of(cfg)
     if named is None:
         return auto
-    chosen = [r for r in rows if (r.paper, r.row) == named]
-    if not chosen and any((r.paper, r.row) == named for r in published_rows()):
-        return auto        # the named row is not among the rows asked about (a caller's subset)
+    chosen = [r for r in rows if (r.paper, r.row) in named]
+    known = {(r.paper, r.row) for r in published_rows()}
+    missing = [n for n in named if n not in known]
+    if missing:
+        raise ValueError(f"reproduces: no published row '{missing[0][1]}' of paper '{missing[0][0]}' (see "
+                         "scripts/tables.py --published)")
     if not chosen:
-        raise ValueError(f"reproduces: no published row '{named[1]}' of paper '{named[0]}' (see scripts/tables.py "
-                         "--published)")
-    if chosen[0].methods is not None and not matches(cfg, chosen[0]):
+        return auto        # the named rows are not among the rows asked about (a caller's subset)
+    if any(r.methods is not None and not matches(cfg, r) for r in chosen):
         return auto        # an override changed the recipe (e.g. --toe.repeat_k 3): no longer a run of the named row
     return chosen + [r for r in auto if r.kind == "context" and r not in chosen]
 

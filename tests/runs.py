@@ -1,6 +1,7 @@
 """Small readers of a run directory, shared by the end-to-end tests."""
 import json
 import os
+import signal
 
 import torch
 
@@ -14,3 +15,36 @@ def read_log(out):
 def load(path):
     """A checkpoint, loaded as the trainer does (weights only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class SignalLoader:
+    """The training loader, sending ``sig`` to this process as batch ``step`` of ``epoch`` is handed out."""
+
+    def __init__(self, loader, epoch, step, sig):
+        self.loader, self.epoch, self.step, self.sig = loader, epoch, step, sig
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        return self._batches(iter(self.loader))
+
+    def _batches(self, it):
+        for i, batch in enumerate(it):
+            if self.loader.sampler.epoch == self.epoch and i == self.step:
+                os.kill(os.getpid(), self.sig)
+            yield batch
+
+
+def signal_at(monkeypatch, epoch, step, sig=signal.SIGTERM):
+    """Make every training loader main.py builds (also one rebuilt for a new recipe) a :class:`SignalLoader`."""
+    import main as entry
+    real = entry.build_loaders
+
+    def build(*a, **k):
+        train, val, n = real(*a, **k)
+        return SignalLoader(train, epoch, step, sig), val, n
+    monkeypatch.setattr(entry, "build_loaders", build)

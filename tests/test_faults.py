@@ -22,7 +22,7 @@ from PIL import Image
 
 import checkpoint as ckpt_io
 import main as entry
-from tests.runs import load, read_log
+from tests.runs import load, read_log, signal_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -89,37 +89,6 @@ def one_line(text):
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, text
     return lines[0]
-
-
-class SignalLoader:
-    """The training loader, sending ``sig`` to this process as batch ``step`` of ``epoch`` is handed out."""
-
-    def __init__(self, loader, epoch, step, sig):
-        self.loader, self.epoch, self.step, self.sig = loader, epoch, step, sig
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __iter__(self):
-        return self._batches(iter(self.loader))
-
-    def _batches(self, it):
-        for i, batch in enumerate(it):
-            if self.loader.sampler.epoch == self.epoch and i == self.step:
-                os.kill(os.getpid(), self.sig)
-            yield batch
-
-
-def signal_at(monkeypatch, epoch, step, sig=signal.SIGTERM):
-    real = entry.build_loaders
-
-    def build(*a, **k):
-        train, val, n = real(*a, **k)
-        return SignalLoader(train, epoch, step, sig), val, n
-    monkeypatch.setattr(entry, "build_loaders", build)
 
 
 @pytest.fixture(scope="module")

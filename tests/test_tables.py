@@ -98,7 +98,9 @@ def test_published_cells_hold_exactly_what_was_recovered():
 @pytest.mark.parametrize("config,expected", [
     ("deit_s.yaml", {("toe", "DeiT-S baseline"), ("pss", "DeiT-S-224"), ("trilevel", "DeiT-S (baseline)"),
                      ("deit", "DeiT-S (released weights)"), ("efficienttrain", "DeiT-S original paper"),
-                     ("efficienttrain", "DeiT-S baseline")}),
+                     ("efficienttrain", "DeiT-S baseline"), ("toe", "DeiT-S baseline (Tab. 4)")}),
+    ("deit_s_et.yaml", {("toe", "DeiT-S EfficientTrain (Tab. 4)"), ("efficienttrain", "DeiT-S EfficientTrain")}),
+    ("deit_t_et_toe.yaml", {("toe", "DeiT-T EfficientTrain + ToE (Tab. 4)")}),
     ("deit_s_toe.yaml", {("toe", "DeiT-S ToE")}),
     ("lvvit_s_toe.yaml", {("toe", "LV-ViT-S ToE")}),
     ("deit_s_pss.yaml", {("pss", "DeiT-S-224 + PSS")}),

@@ -56,7 +56,6 @@ class ToE(Method):
         super().__init__(section, cfg)
         self.schedule = section.schedule()
         self.epochs = cfg.epochs
-        self.num_patches = 0
         self.stage = self.schedule.stage(0)
         self.ops: list = []
 
@@ -96,8 +95,12 @@ class ToE(Method):
     def attach(self, models) -> None:
         super().attach(models)
         self.ops = [op for m in self.models for op in iter_toe(m)]
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of the trained model now (a curriculum may change its input size between epochs)."""
         pe = getattr(self.models[0], "patch_embed", None) if self.models else None
-        self.num_patches = int(getattr(pe, "num_patches", 0) or 0)
+        return int(getattr(pe, "num_patches", 0) or 0)
 
     # --- the clock ------------------------------------------------------------------------------------------
     def on_epoch(self, clock: Clock) -> None:

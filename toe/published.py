@@ -25,6 +25,10 @@ NOT_RECOVERED = "table cells not recovered (shared/research/toe_tables.md)"
 DEIT = dict(expansion_steps=[0, 100, 200], keep_rates=[0.5, 0.75, 1.0], init_keep_rate=0.25, repeat_k=2)
 LVVIT = dict(expansion_steps=[0, 100, 200], keep_rates=[0.4, 0.7, 1.0], init_keep_rate=0.2, repeat_k=2)
 ET = dict(expansion_steps=[0, 100, 200], keep_rates=[0.6, 0.8, 1.0], init_keep_rate=0.3, repeat_k=2)
+# EfficientTrain v1 as ET_training.py runs it (the efficienttrain section's published values)
+ET_CURRICULUM = {"efficienttrain": dict(input_sizes=[160, 160, 160, 192, 224], rand_magnitudes=[1, 3, 5, 7, 9],
+                                        rand_augment="rand-m{m}-mstd0.5-inc1", batch_scale=[2, 2, 2, 2, 1])}
+TAB4_METHODS = {"baseline": (), "EfficientTrain": ("efficienttrain",), "EfficientTrain + ToE": ("efficienttrain", "toe")}
 # what makes a run the published method rather than one of its ablations
 PUBLISHED_PIPELINE = dict(distance="cosine", distance_mode="published", insert_block=1, init="grid",
                           expansion="farthest", merge="mean")
@@ -68,10 +72,11 @@ ROWS: List[PublishedRow] = [
     *[PublishedRow(PAPER, "Tab. 2", name, None, name, methods=None, source=SOURCE, precision=NOT_RECOVERED,
                    notes="competitor named by summaries; presence in Tab. 2 unconfirmed [?]")
       for name in ("SViTE", "ToMe", "NetworkExpansion")],
-    # --- Tab. 4: on top of EfficientTrain (DeiT-T/S most likely [?]). The curriculum is not a section of this
-    # repository yet (issue 10 part B): these rows match a run only through its `reproduces` key.
-    *[PublishedRow(PAPER, "Tab. 4", f"{name} {label} (Tab. 4)", model, label, methods=None,
-                   settings=_toe(ET) if "ToE" in label else {}, source=SOURCE, precision=NOT_RECOVERED,
+    # --- Tab. 4: on top of EfficientTrain (DeiT-T/S most likely [?]): the `efficienttrain:` curriculum (ET v1 as
+    # ToE's ET_training.py runs it), with the ToE section on top for the last row; configs/deit_{t,s}_et*.yaml.
+    *[PublishedRow(PAPER, "Tab. 4", f"{name} {label} (Tab. 4)", model, label, methods=TAB4_METHODS[label],
+                   settings={**(_toe(ET) if "ToE" in label else {}), **(ET_CURRICULUM if "Eff" in label else {})},
+                   source=SOURCE, precision=NOT_RECOVERED,
                    notes="models of Tab. 4 most likely DeiT-T/S [?]; ET v1 recipe, 8 GPUs, batch 4096"
                          + ("; ToE keep 0.6/0.8/1.0, r0 0.3, k 2" if "ToE" in label else ""))
       for name, model in (("DeiT-T", "deit_tiny_patch16_224"), ("DeiT-S", "deit_small_patch16_224"))
@@ -115,7 +120,9 @@ ROWS: List[PublishedRow] = [
           ("LV-ViT-T", "lvvit_t", 79.1, "zihangJiang/TokenLabeling README model table (and issue #23: 'Table 1')"),
           ("LV-ViT-S", "lvvit_s", 83.3, "zihangJiang/TokenLabeling README model table"),
           ("LV-ViT-M", "lvvit_m", 84.0, "zihangJiang/TokenLabeling README model table (released checkpoint)"))],
-    *[PublishedRow("efficienttrain", "Tab. 5", f"{name} {label}", model, label, methods=None if label == "EfficientTrain" else (),
+    *[PublishedRow("efficienttrain", "Tab. 5", f"{name} {label}", model, label,
+                   methods=("efficienttrain",) if label == "EfficientTrain" else (),
+                   settings=ET_CURRICULUM if label == "EfficientTrain" else {},
                    top1=top1, speedup=speed, gpus="NVIDIA 3090 (wall-time)" if speed else None,
                    source="EfficientTrain (ICCV 2023) Tab. 5, LeapLabTHU/EfficientTrain imgs/in_1k.png @ a85f8ec",
                    precision="read from the table image", kind="context",
