@@ -116,7 +116,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     every optimizer update but the epoch's last, ``should_stop()`` is asked (a collective under DDP); when it says
     yes the epoch ends there and the result holds ``stopped_at`` (iterations of the epoch done) and ``progress``.
     With ``input_size`` (a curriculum's current size) batches of another size are brought to it by the methods
-    (:meth:`methods.MethodSet.resize_images`) before mixup, as EfficientTrain does.
+    (:meth:`methods.MethodSet.resize_images`) before mixup/cutmix.
     """
     model.train()
     if criterion is not None:

@@ -1,6 +1,7 @@
 """Change the input size of a live timm ViT during training: the patch grid, the absolute position embedding and
-that parameter's optimizer moments, as EfficientTrain does between its phases (there by a relaunch that loads the
-checkpoint with the embedding and its Adam moments resampled; here in place, in the same process).
+that parameter's optimizer moments, for a curriculum over input sizes (the published one relaunches its script and
+resamples the embedding and its Adam moments while loading the checkpoint; here it happens in place, in the same
+process).
 
 The position embedding becomes a new ``nn.Parameter`` (a fresh autograd leaf: DDP's reducer keeps the old leaf's
 gradient accumulator, which remembers the old shape); each optimizer given is pointed at it and keeps its state
@@ -42,7 +43,7 @@ def check_resizable(model: nn.Module, what: str) -> None:
 
 def resample_grid(t: torch.Tensor, old: tuple, new: tuple, prefix: int) -> torch.Tensor:
     """``[1, prefix + H*W, C]`` resampled to the ``new`` grid: bilinear, ``align_corners=False``, no antialiasing
-    (EfficientTrain's ``update_ckpt``); prefix tokens (CLS ...) unchanged."""
+    (the rule of the published curriculum, see ``efficienttrain/``); prefix tokens (CLS ...) unchanged."""
     from timm.layers import resample_abs_pos_embed
     return resample_abs_pos_embed(t, new_size=list(new), old_size=list(old), num_prefix_tokens=prefix,
                                   interpolation="bilinear", antialias=False, align_corners=False)

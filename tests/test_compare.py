@@ -74,7 +74,7 @@ def test_a_run_written_before_methods_were_plugins_stays_readable(tmp_path):
     os.makedirs(run)
     cfg = load_config(DEMO, TINY).to_dict()
     cfg.pop("methods")
-    for section in ("pss", "trilevel"):          # sections that did not exist then
+    for section in ("pss", "trilevel", "efficienttrain"):          # sections that did not exist then
         cfg.pop(section, None)
     import yaml
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
