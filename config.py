@@ -87,7 +87,7 @@ class Config:
     # --- optimisation ----------------------------------------------------------------------------------------
     epochs: int = 300                          # training epochs (the lr schedule's length; cooldown_epochs follow)
     cooldown_epochs: int = 0                   # epochs trained after `epochs` at min_lr (timm / TokenLabeling: LV-ViT trains 300 + 10)
-    sched_step: str = "timm"                   # timm: epoch e trains with lr(e) | published: DeiT's loop, epoch e trains with lr(e - 1) (epochs 0 and 1 at warmup_lr)
+    sched_step: str = "timm"                   # timm: epoch e trains with lr(e) | published: DeiT's loop, epoch e trains with lr(e - 1) (epochs 0 and 1 at warmup_lr) | iteration: set per optimizer update (ConvNeXt / EfficientTrain code)
     batch_size: int = 64                       # per process; global batch = batch_size * world_size * grad_accum_steps
     grad_accum_steps: int = 1                  # iterations per optimizer step
     opt: str = "adamw"                         # adamw | adam | sgd | lamb
@@ -180,7 +180,7 @@ CHOICES = {
     "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
     "token_label.box_order": BOX_ORDERS,
     "token_label.rand_augment": RAND_AUGMENTS,
-    "sched_step": ("timm", "published"),
+    "sched_step": ("timm", "published", "iteration"),
     "repeated_aug_single": ("always", "published"),
 }
 NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",

@@ -103,7 +103,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                     print_freq: int = 20, world_size: int = 1, methods: Optional[MethodSet] = None,
                     global_step: int = 0, iters_per_epoch: Optional[int] = None, start_step: int = 0,
                     resumed: Optional[Dict[str, Any]] = None, on_start: Optional[Callable[[], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None, input_size: Optional[int] = None) -> Dict[str, Any]:
+                    should_stop: Optional[Callable[[], bool]] = None, input_size: Optional[int] = None,
+                    set_lr: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
     """Train for one epoch; returns averaged metrics. Stops with :class:`NonFiniteLossError` on a NaN/inf loss.
 
     Batches are ``(images, *targets, dataset indices)``. ``global_step`` is the iteration counter at the start of
@@ -116,7 +117,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     every optimizer update but the epoch's last, ``should_stop()`` is asked (a collective under DDP); when it says
     yes the epoch ends there and the result holds ``stopped_at`` (iterations of the epoch done) and ``progress``.
     With ``input_size`` (a curriculum's current size) batches of another size are brought to it by the methods
-    (:meth:`methods.MethodSet.resize_images`) before mixup/cutmix.
+    (:meth:`methods.MethodSet.resize_images`) before mixup/cutmix. ``set_lr(k)`` (a per-iteration schedule) runs
+    before the first micro-batch of the epoch's ``k``-th optimizer update.
     """
     model.train()
     if criterion is not None:
@@ -141,6 +143,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             data_time += t_compute - t_data
             if methods.per_step:
                 methods.on_step(Clock(epoch, it, global_step + it, iters_per_epoch or num_iters, num_epochs))
+            if set_lr is not None and it % accum_steps == 0:
+                set_lr(it // accum_steps)
             *data, indices = batch
             skipped += loader.batch_size - len(indices)       # images left out (skip_bad_images)
             images = data[0].to(device, non_blocking=True)

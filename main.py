@@ -168,8 +168,39 @@ def parse_args(argv: List[str]) -> Tuple[Config, bool]:
 def lr_epoch(cfg: Config, epoch: int) -> int:
     """The scheduler epoch whose lr trains ``epoch``: ``epoch`` (``sched_step: timm``), or ``epoch - 1`` (DeiT's
     loop steps the scheduler after an epoch with the index it just finished, so epochs 0 and 1 both train at
-    ``lr(0)``, the warm-up lr)."""
+    ``lr(0)``, the warm-up lr). (``sched_step: iteration`` sets the lr per update instead: :func:`lr_setter`.)"""
     return max(epoch - 1, 0) if cfg.sched_step == "published" else epoch
+
+
+def updates_per_epoch(cfg: Config, images: int, world_size: int) -> int:
+    """The period of a per-iteration lr schedule: ``images // effective batch`` optimizer updates per epoch (the
+    ConvNeXt / EfficientTrain rule; constant through a curriculum that keeps the effective batch)."""
+    return max(1, images // (cfg.batch_size * cfg.grad_accum_steps * world_size))
+
+
+def build_scheduler(cfg: Config, optimizer, updates: int):
+    """timm's scheduler for the config: per epoch, or with ``sched_step: iteration`` per optimizer update as the
+    ConvNeXt code base (EfficientTrain) sets it: a linear warm-up over ``warmup_epochs x updates`` updates, then
+    the decay over the remaining ``(epochs - warmup_epochs) x updates`` (timm's ``warmup_prefix``)."""
+    from timm.scheduler import create_scheduler_v2
+    per_update = cfg.sched_step == "iteration"
+    sched, _ = create_scheduler_v2(optimizer, sched=cfg.sched,
+                                   num_epochs=cfg.epochs - (cfg.warmup_epochs if per_update else 0),
+                                   decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
+                                   min_lr=cfg.min_lr if cfg.min_lr is not None else 0.0,   # (eval, plan only)
+                                   warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                   cooldown_epochs=cfg.cooldown_epochs, warmup_prefix=per_update,
+                                   step_on_epochs=not per_update, updates_per_epoch=updates if per_update else 0)
+    return sched
+
+
+def lr_setter(r: "Run", epoch: int):
+    """With ``sched_step: iteration``: what the engine calls before each update ``k`` of ``epoch`` (the lr of global
+    update ``epoch x updates + k``; an epoch's leftover update keeps its last value). Else ``None``."""
+    if r.cfg.sched_step != "iteration":
+        return None
+    u = r.updates_per_epoch
+    return lambda k: r.scheduler.step_update(epoch * u + min(k, u - 1))
 
 
 def nproc_note(cfg: Config, world_size: int) -> Optional[str]:
@@ -254,6 +285,7 @@ class Run:
     start: Position = field(default_factory=Position)
     best: Dict[str, Any] = field(default_factory=dict)
     iters_per_epoch: Optional[int] = None
+    updates_per_epoch: int = 1                # the period of a per-iteration lr schedule
     settings: Optional[Settings] = None       # the recipe of the epoch being trained (and of the train loader)
     resizing: bool = False                    # a method changes the input size (the model follows it)
 
@@ -382,7 +414,6 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
 
 def build_optimizer(r: Run) -> None:
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     cfg = r.cfg
     r.lr = scaled_lr(cfg, r.dist.world_size)
@@ -392,11 +423,8 @@ def build_optimizer(r: Run) -> None:
     r.optimizer = create_optimizer_v2(r.model, opt=cfg.opt, lr=r.lr, weight_decay=cfg.weight_decay,
                                       layer_decay=cfg.layer_decay, **opt_kwargs)
     # the schedule is always built from the resolved config (also on resume: a new --lr or --epochs takes effect)
-    r.scheduler, _ = create_scheduler_v2(r.optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
-                                         decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
-                                         min_lr=cfg.min_lr if cfg.min_lr is not None else 0.0,   # (eval only)
-                                         warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-                                         cooldown_epochs=cfg.cooldown_epochs)
+    r.updates_per_epoch = updates_per_epoch(cfg, len(r.train_loader.dataset), r.dist.world_size)
+    r.scheduler = build_scheduler(cfg, r.optimizer, r.updates_per_epoch)
     r.scaler = torch.amp.GradScaler("cuda") if r.amp_dtype == torch.float16 else None
 
 
@@ -426,6 +454,9 @@ def restore(r: Run, path: str, ckpt: Dict[str, Any]) -> None:
                        else rs.next_epoch * len(r.train_loader))
     r.best = ckpt.get("best") or r.best
     r.iters_per_epoch = (ckpt.get("clock") or {}).get("iters_per_epoch")
+    if (not rs.mid_epoch and rs.next_epoch > 0
+            and settings_at(cfg, r.methods, rs.next_epoch - 1).loader_key() != r.settings.loader_key()):
+        r.iters_per_epoch = None          # the checkpoint ends a phase of another batch: this loader's own length
     r.resume = rs
     if rs.mid_epoch:
         check_mid_epoch(r, rs)
@@ -758,8 +789,9 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
 def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
     """The epoch loop, from ``r.start``; a signal ends it with a checkpoint (:class:`Stopped`)."""
     cfg, dist, log = r.cfg, r.dist, r.log
-    log.info(f"model {cfg.model}: {r.n_params / 1e6:.2f}M params, {r.nb_classes} classes, input {cfg.input_size}px | "
-             f"world {dist.world_size} x batch {cfg.batch_size} x accum {cfg.grad_accum_steps} | lr {r.lr:.3e} | "
+    s = r.settings
+    log.info(f"model {cfg.model}: {r.n_params / 1e6:.2f}M params, {r.nb_classes} classes, input {s.input_size}px | "
+             f"world {dist.world_size} x batch {s.batch_size} x accum {s.grad_accum_steps} | lr {r.lr:.3e} | "
              f"amp {r.amp_dtype or 'off'} | methods: {r.methods.describe()}")
     note = nproc_note(cfg, dist.world_size)
     if note:
@@ -779,7 +811,7 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
             clip_grad=cfg.clip_grad, accum_steps=r.settings.grad_accum_steps, print_freq=cfg.print_freq,
             world_size=dist.world_size, methods=r.methods, global_step=epoch_start_step,
             iters_per_epoch=r.iters_per_epoch, should_stop=lambda: stop.requested(dist.device),
-            input_size=r.settings.input_size if r.resizing else None, **resumed)
+            input_size=r.settings.input_size if r.resizing else None, set_lr=lr_setter(r, epoch), **resumed)
         global_step = epoch_start_step + stats["iters"]
         if "stopped_at" in stats:
             save_mid_epoch(r, epoch, stats, subset, global_step, stop)

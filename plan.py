@@ -15,21 +15,21 @@ import torch
 from methods import Clock, MethodSet
 
 
-def _lrs(cfg, nproc: int, epochs: int) -> List[Optional[float]]:
-    """The lr each epoch trains with (after the linear rule at ``nproc`` processes); ``None`` where it depends on
-    an unknown ``min_lr``."""
-    from timm.scheduler import create_scheduler_v2
-    from main import lr_epoch, scaled_lr
+def _lrs(cfg, nproc: int, epochs: int, images: int) -> List[Optional[float]]:
+    """The lr each epoch starts with (after the linear rule at ``nproc`` processes; per-iteration schedules: at the
+    epoch's first update); ``None`` where it depends on an unknown ``min_lr``."""
+    from main import build_scheduler, lr_epoch, scaled_lr, updates_per_epoch
     unknown = cfg.min_lr is None
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=scaled_lr(cfg, nproc))
-    sched, _ = create_scheduler_v2(opt, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
-                                   decay_rate=cfg.decay_rate, min_lr=0.0 if unknown else cfg.min_lr,
-                                   warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-                                   cooldown_epochs=cfg.cooldown_epochs)
+    updates = updates_per_epoch(cfg, images, nproc)
+    sched = build_scheduler(cfg, opt, updates)
     out = []
     for e in range(epochs):
         t = lr_epoch(cfg, e)
-        sched.step(t)
+        if cfg.sched_step == "iteration":
+            sched.step_update(e * updates)
+        else:
+            sched.step(t)
         known = not unknown or (t < cfg.warmup_epochs) or cfg.sched == "constant"
         out.append(opt.param_groups[0]["lr"] if known else None)
     return out
@@ -48,7 +48,7 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
     iters = measure.iterations_per_epoch(cfg, images or 1_281_167, nproc)
     methods = MethodSet.from_config(cfg)
     patch = int(cfg.model_kwargs.get("patch_size", _patch_size(cfg.model)))
-    lrs = _lrs(cfg, nproc, total)
+    lrs = _lrs(cfg, nproc, total, images or 1_281_167)
     rows: List[Dict[str, Any]] = []
     for e in range(total):
         phase = "warm-up" if e < cfg.warmup_epochs else ("cooldown" if e >= cfg.epochs else "")

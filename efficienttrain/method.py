@@ -63,6 +63,19 @@ def phases_of(section: EfficientTrainConfig, epochs: int) -> List[Phase]:
                   section.batch_scale[i]) for i in range(n)]
 
 
+def _check_policy(policy: str, magnitudes: List[int]) -> None:
+    """``policy`` has a ``{m}`` and is a timm policy for every phase's magnitude."""
+    if "{m}" not in policy:
+        raise MethodError(f"efficienttrain.rand_augment: '{policy}' has no {{m}} for the phase's magnitude, e.g. "
+                          f"rand-m{{m}}-mstd0.5-inc1")
+    from config import ConfigError, _check_auto_augment
+    for m in sorted(set(magnitudes)):
+        try:
+            _check_auto_augment(policy.format(m=m))
+        except ConfigError as e:
+            raise MethodError(f"efficienttrain.rand_augment: {str(e).split(': ', 1)[-1]}") from None
+
+
 @register_method
 class EfficientTrain(Method):
     name = "efficienttrain"
@@ -95,17 +108,8 @@ class EfficientTrain(Method):
         for i, m in enumerate(s.rand_magnitudes):
             if not 0 <= m <= 10:
                 raise MethodError(f"efficienttrain.rand_magnitudes: phase {i + 1} magnitude {m} is outside 0..10")
-        if s.rand_augment is None:
-            pass
-        elif "{m}" not in s.rand_augment:
-            raise MethodError(f"efficienttrain.rand_augment: '{s.rand_augment}' has no {{m}} for the phase's "
-                              f"magnitude, e.g. rand-m{{m}}-mstd0.5-inc1")
-        else:
-            from config import ConfigError, _check_auto_augment
-            try:
-                _check_auto_augment(s.rand_augment.format(m=s.rand_magnitudes[0]))
-            except ConfigError as e:
-                raise MethodError(f"efficienttrain.rand_augment: {str(e).split(': ', 1)[-1]}") from None
+        if s.rand_augment is not None:
+            _check_policy(s.rand_augment, s.rand_magnitudes)
         for i, scale in enumerate(s.batch_scale):
             if scale < 1 or cfg.grad_accum_steps % scale:
                 raise MethodError(f"efficienttrain.batch_scale: phase {i + 1} scales the per-process batch by {scale}, "

@@ -166,6 +166,7 @@ def _same_weights(a_dir, b_dir):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["clock"] == b["clock"]                                      # iterations per epoch of the last phase too
 
 
 def test_one_run_changes_loader_and_model_at_every_phase(straight, capsys):
@@ -243,3 +244,37 @@ def test_two_process_torchrun_across_phases(digits, tmp_path):
     assert [r["efficienttrain_input_size"] for r in log] == [8, 12, 16]
     assert [r["train_iters"] for r in log] == [22, 22, 45]                 # 2 x 32 per step, then 2 x 16
     assert load(tmp_path / "ddp" / "checkpoint.pth")["model"]["pos_embed"].shape == (1, 17, 32)
+
+
+# ------------------------------------------------------------------------------------------------ the lr per update
+def test_per_update_schedule_is_the_published_curve():
+    """``sched_step: iteration`` (the ET configs): the ConvNeXt code base's ``cosine_scheduler`` over updates, a
+    linear warm-up from 0 (``np.linspace(0, lr, W)``: ours reaches lr one update later, within 1/W) and then
+    ``min + (lr - min)(1 + cos(pi i / (T - W))) / 2``; an epoch has images // 4096 updates in every phase."""
+    import math
+    cfg = load_config(os.path.join(CONFIGS, "deit_s_et.yaml"))
+    u = entry.updates_per_epoch(cfg, 1_281_167, 8)
+    assert u == 1_281_167 // 4096 == 312
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4e-3)
+    sched = entry.build_scheduler(cfg, opt, u)
+    w, t = 20 * u, 300 * u
+    for i in (1, 100, w // 2, w - 1):
+        sched.step_update(i)
+        assert opt.param_groups[0]["lr"] == pytest.approx(4e-3 * i / (w - 1), rel=2.0 / w)
+    for i in (w, w + 1, 60 * u, t // 2, t - 1):
+        sched.step_update(i)
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-6 + 0.5 * (4e-3 - 1e-6) * (1 + math.cos(math.pi * (i - w) / (t - w))),
+                                                          rel=1e-12)
+
+
+def test_per_update_schedule_through_main(digits, tmp_path):
+    """The lr a run ends each epoch with is that of its last update: 22 updates per epoch (1,442 // 64) in every
+    phase (22 of 64 x 1, then 45 batches of 32 x 2: the leftover update keeps the epoch's last lr)."""
+    import math
+    assert run(digits, tmp_path / "run", "--sched_step", "iteration", "--warmup_lr", "0", "--min_lr", "1e-5") == 0
+    w, t, lr = 22, 66, 1e-3
+
+    def published(i):
+        return lr * i / w if i < w else 1e-5 + 0.5 * (lr - 1e-5) * (1 + math.cos(math.pi * (i - w) / (t - w)))
+    assert [r["train_lr"] for r in read_log(tmp_path / "run")] == pytest.approx([published(e * 22 + 21) for e in range(3)],
+                                                                               rel=1e-9)
