@@ -13,9 +13,8 @@ The engine and the entrypoint only ever talk to a :class:`MethodSet` at a handfu
 anchor is MosaicML Composer's algorithms and events, kept smaller): build the model (``patch``), follow the training
 clock (``on_epoch`` / ``on_step``), change the recipe per epoch (``recipe``: input size, batch, RandAugment; the
 trainer rebuilds the loaders and resizes the model), choose and observe training examples (``train_indices`` /
-``observe``), report
-(``epoch_fields`` / ``progress`` / ``summary``), checkpoint (``state_dict``), evaluate (``eval_variants``) and be
-measured (``variants`` / ``op_modules`` / ``inference_knob``). Every hook has a do-nothing default, so a method
+``observe``), report (``epoch_fields`` / ``progress`` / ``summary``), checkpoint (``state_dict``), evaluate
+(``eval_variants``) and be measured (``variants`` / ``op_modules`` / ``inference_knob``). Every hook has a do-nothing default, so a method
 implements only what it changes. Packages beside this file that hold a ``method.py`` are imported on first use of
 the registry: a new method needs its package and a config, nothing else.
 """

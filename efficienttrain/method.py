@@ -149,11 +149,16 @@ class EfficientTrain(Method):
         return low_frequency_crop(images, size) if size < images.shape[-1] else None
 
     # --- reporting ------------------------------------------------------------------------------------------
+    def _magnitude(self, p: Phase) -> str:
+        return "" if self.section.rand_augment is None else f" m{p.magnitude}"
+
     def _phase_text(self, p: Phase) -> str:
-        return f"phase {p.index + 1}/{len(self.phases)}: {p.input_size}px, m{p.magnitude}, batch x{p.batch_scale}"
+        parts = [f"{p.input_size}px", self._magnitude(p).strip(), f"batch x{p.batch_scale}"]
+        return f"phase {p.index + 1}/{len(self.phases)}: " + ", ".join(x for x in parts if x)
 
     def describe(self) -> str:
-        spans = ", ".join(f"{p.first}-{p.end - 1}: {p.input_size}px m{p.magnitude} x{p.batch_scale}" for p in self.phases)
+        spans = ", ".join(f"{p.first}-{p.end - 1}: {p.input_size}px{self._magnitude(p)} x{p.batch_scale}"
+                          for p in self.phases)
         return f"EfficientTrain: {len(self.phases)} phases ({spans}); eval at {self.section.eval_size} size"
 
     def progress(self) -> str:
@@ -162,7 +167,7 @@ class EfficientTrain(Method):
     def epoch_fields(self) -> Dict[str, Any]:
         p = self.current
         return {"efficienttrain_phase": p.index + 1, "efficienttrain_input_size": p.input_size,
-                "efficienttrain_rand_magnitude": p.magnitude}
+                "efficienttrain_rand_magnitude": None if self.section.rand_augment is None else p.magnitude}
 
     def epoch_text(self) -> str:
         return f"ET {self._phase_text(self.current)}"
