@@ -48,3 +48,16 @@ def signal_at(monkeypatch, epoch, step, sig=signal.SIGTERM):
         train, val, n = real(*a, **k)
         return SignalLoader(train, epoch, step, sig), val, n
     monkeypatch.setattr(entry, "build_loaders", build)
+
+
+def interrupt_epoch(monkeypatch, n):
+    """A KeyboardInterrupt (a kill: nothing saved) as main.py starts training the ``n``-th epoch of a run."""
+    import main as entry
+    real, calls = entry.train_one_epoch, {"n": 0}
+
+    def train_one_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(entry, "train_one_epoch", train_one_epoch)

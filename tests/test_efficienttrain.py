@@ -19,7 +19,7 @@ from efficienttrain.method import phases_of
 from methods import MethodError, MethodSet
 from models import create_model
 from models.resize import at_input_size, input_size_of, set_input_size
-from tests.runs import load, read_log, signal_at
+from tests.runs import interrupt_epoch, load, read_log, signal_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -188,19 +188,11 @@ def test_one_run_changes_loader_and_model_at_every_phase(straight, capsys):
 def test_resume_at_a_phase_boundary_is_exact(digits, straight, tmp_path, monkeypatch):
     """Killed during phase 2's epoch: the checkpoint of phase 1 (8 px) resumes into phase 2 (12 px) and ends with
     the uninterrupted run's weights, EMA and optimizer state."""
-    calls = {"n": 0}
-    real = entry.train_one_epoch
-
-    def stop_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(entry, "train_one_epoch", stop_in_second_epoch)
+    interrupt_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(digits, tmp_path / "split")
     assert load(tmp_path / "split" / "checkpoint.pth")["model"]["pos_embed"].shape == (1, 5, 32)
-    monkeypatch.setattr(entry, "train_one_epoch", real)
+    monkeypatch.undo()
     assert run(digits, tmp_path / "split", "--resume", "auto") == 0
     _same_weights(straight, tmp_path / "split")
 

@@ -15,7 +15,7 @@ from config import ConfigError, load_config
 from methods import MethodSet
 from models import create_model
 from pss import PSSSchedule, iter_samplers, num_kept_patches
-from tests.runs import load, read_log
+from tests.runs import interrupt_epoch, load, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -52,19 +52,10 @@ def test_trains_through_main_on_the_schedule_of_the_global_counter(digits, tmp_p
 def test_kill_and_resume_gives_identical_weights(digits, tmp_path, monkeypatch):
     extra = ["--pss.sampler", "random", "--epochs", "3", "--pss.cooldown_epochs", "0"]
     assert run(digits, tmp_path / "straight", *extra) == 0
-    calls = {"n": 0}
-    real = entry.train_one_epoch
-
-    def stop_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(entry, "train_one_epoch", stop_in_second_epoch)
+    interrupt_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(digits, tmp_path / "split", *extra)
-    monkeypatch.setattr(entry, "train_one_epoch", real)
+    monkeypatch.undo()
     assert run(digits, tmp_path / "split", *extra, "--resume", "auto") == 0
     a, b = load(tmp_path / "straight" / "checkpoint.pth"), load(tmp_path / "split" / "checkpoint.pth")
     for key in ("model", "model_ema"):

@@ -25,7 +25,7 @@ from trilevel import find_trilevel, set_enabled
 from trilevel.cost import ForwardCost, ViTDims, representative_states, stage_tokens
 from trilevel.method import TriLevel
 from trilevel.schedule import keep_rate
-from tests.runs import load, read_log
+from tests.runs import interrupt_epoch, load, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -137,20 +137,12 @@ def test_example_level_swaps_and_resume_across_a_swap(digits, tmp_path, monkeypa
     assert all(0 < r["trilevel_presented"] <= SUBSET for r in log) and log[0]["train_iters"] == SUBSET // 128
     assert [r["trilevel_tokens"] for r in log][-1] == [16, 12]
 
-    calls = {"n": 0}
-    real = entry.train_one_epoch
-
-    def stop_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-    monkeypatch.setattr(entry, "train_one_epoch", stop_in_second_epoch)
+    interrupt_epoch(monkeypatch, 2)
     split = tmp_path / "split"
     with pytest.raises(KeyboardInterrupt):
         run(digits, split, "--epochs", "2", *tl)
     assert load(split / "checkpoint.pth")["methods"]["trilevel"]["selector"]["swaps_done"] == 0
-    monkeypatch.setattr(entry, "train_one_epoch", real)
+    monkeypatch.undo()
     assert run(digits, split, "--epochs", "2", "--resume", "auto", *tl) == 0
 
     a, b = load(straight / "checkpoint.pth"), load(split / "checkpoint.pth")
