@@ -475,7 +475,7 @@ def restore(r: Run, path: str, ckpt: Dict[str, Any]) -> None:
 
 def check_mid_epoch(r: Run, rs: ResumeState) -> None:
     """A checkpoint taken inside an epoch continues only where its batches mean the same thing."""
-    mid, cfg = rs.mid_epoch, r.cfg
+    mid = rs.mid_epoch
     sampler = r.train_loader.sampler
     now = {"world_size": r.dist.world_size, "batch_size": r.settings.batch_size,
            "grad_accum_steps": r.settings.grad_accum_steps}
@@ -533,14 +533,13 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     resume_file, ckpt = load_resume(cfg)
     seed_all(cfg.seed + dist.rank)
     r.methods = MethodSet.from_config(cfg)
-    total = cfg.total_epochs()
-    r.resizing = any(settings_at(cfg, r.methods, e).input_size != cfg.input_size
-                     or settings_at(cfg, r.methods, e).eval_size != cfg.input_size for e in range(total))
+    every_epoch = [settings_at(cfg, r.methods, e) for e in range(cfg.total_epochs())]
+    r.resizing = any((s.input_size, s.eval_size) != (cfg.input_size, cfg.input_size) for s in every_epoch)
     start = ckpt_io.resume_state(ckpt, resume_file).next_epoch if ckpt is not None and not cfg.eval else 0
-    r.settings = settings_at(cfg, r.methods, min(start, max(total - 1, 0)))
+    r.settings = every_epoch[min(start, len(every_epoch) - 1)]
     r.train_loader, r.val_loader, nb_classes = build_loaders(recipe_config(cfg, r.settings), dist.rank,
                                                              dist.world_size, cfg.seed)
-    check_recipe_batches(r, total)
+    check_recipe_batches(r, every_epoch)
     r.nb_classes = check_num_classes(cfg.nb_classes, nb_classes)
     r.model = build_model(cfg, r.nb_classes, r.methods, img_size=cfg.input_size if cfg.eval else r.settings.input_size)
     check_model(cfg, r.model)
@@ -567,11 +566,10 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     return r
 
 
-def check_recipe_batches(r: Run, total: int) -> None:
+def check_recipe_batches(r: Run, every_epoch: List[Settings]) -> None:
     """Every epoch's per-process batch (a curriculum may double it) fits the samples each process gets."""
     have = len(r.train_loader.sampler)
-    for e in range(total):
-        s = settings_at(r.cfg, r.methods, e)
+    for e, s in enumerate(every_epoch):
         if s.batch_size > have:
             raise DatasetError(f"batch_size: epoch {e + 1} trains with a per-process batch of {s.batch_size} (the "
                                f"methods' recipe) but each of {r.dist.world_size} process(es) gets {have} samples per "
@@ -829,7 +827,7 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
 
 def finish(r: Run, history: List[Dict[str, Any]], wall: float, train_seconds: float, images_seen: int,
            compute_seconds: float = 0.0) -> Dict[str, Any]:
-    cfg, log, out = r.cfg, r.log, r.cfg.output_dir
+    log, out = r.log, r.cfg.output_dir
     summary = {"final": history[-1] if history else None, "best": r.best, "wall_seconds": wall,
                "train_seconds": train_seconds, "train_compute_seconds": compute_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
                "methods": r.methods.summary(), "output_dir": os.path.abspath(out)}

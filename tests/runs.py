@@ -2,6 +2,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import torch
 
@@ -61,3 +63,14 @@ def interrupt_epoch(monkeypatch, n):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(entry, "train_one_epoch", train_one_epoch)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(*argv, script=None, timeout=300):
+    """``script`` (default: main.py) on two processes under torchrun (gloo on CPU, a free port), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           script or os.path.join(ROOT, "main.py"), *map(str, argv)]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout)

@@ -3,8 +3,6 @@ per phase, the published plan, and runs through the real entrypoint that change 
 epochs, resumed across a phase boundary (at an epoch's end and inside an epoch) and on two processes."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,13 +11,13 @@ import torch.nn.functional as F
 
 import main as entry
 import plan as plan_mod
-from config import ConfigError, load_config
+from config import load_config
 from efficienttrain import low_frequency_crop
 from efficienttrain.method import phases_of
 from methods import MethodError, MethodSet
 from models import create_model
 from models.resize import at_input_size, input_size_of, set_input_size
-from tests.runs import interrupt_epoch, load, read_log, signal_at
+from tests.runs import interrupt_epoch, load, read_log, signal_at, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -226,11 +224,8 @@ def test_two_process_torchrun_across_phases(digits, tmp_path):
     """DDP is built again around the resized model: two processes train all three phases."""
     from datasets import prepare_digits
     prepare_digits(digits)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
-           os.path.join(ROOT, "main.py"), "--config", DEMO, "--data_path", digits, "--output_dir", str(tmp_path / "ddp"),
-           *TINY, "--batch_size", "16"]
-    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=400)
+    res = torchrun("--config", DEMO, "--data_path", digits, "--output_dir", tmp_path / "ddp", *TINY, "--batch_size", "16",
+                   timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     log = read_log(tmp_path / "ddp")
     assert [r["efficienttrain_input_size"] for r in log] == [8, 12, 16]

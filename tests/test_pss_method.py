@@ -4,8 +4,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from config import ConfigError, load_config
 from methods import MethodSet
 from models import create_model
 from pss import PSSSchedule, iter_samplers, num_kept_patches
-from tests.runs import interrupt_epoch, load, read_log
+from tests.runs import interrupt_epoch, load, read_log, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -146,11 +144,8 @@ def test_published_deit_s_levels_cost_the_published_gflops():
 def test_two_process_torchrun(digits, tmp_path):
     from datasets import prepare_digits
     prepare_digits(digits)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-           os.path.join(ROOT, "main.py"), "--config", DEMO, "--data_path", digits, "--output_dir", str(tmp_path / "ddp"),
-           *TINY, "--batch_size", "64", "--epochs", "1", "--pss.cooldown_epochs", "0"]
-    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=300)
+    res = torchrun("--config", DEMO, "--data_path", digits, "--output_dir", tmp_path / "ddp", *TINY, "--batch_size", "64",
+                   "--epochs", "1", "--pss.cooldown_epochs", "0")
     assert res.returncode == 0, res.stderr[-3000:]
     log = read_log(tmp_path / "ddp")
     assert len(log) == 1 and 0 < log[0]["pss_keep_rate"] < 1

@@ -7,8 +7,6 @@ The reference behaviour of the operators and the selector is checked in ``tests/
 import io
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -25,7 +23,7 @@ from trilevel import find_trilevel, set_enabled
 from trilevel.cost import ForwardCost, ViTDims, representative_states, stage_tokens
 from trilevel.method import TriLevel
 from trilevel.schedule import keep_rate
-from tests.runs import interrupt_epoch, load, read_log
+from tests.runs import interrupt_epoch, load, read_log, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -244,11 +242,9 @@ KEEPER = textwrap.dedent("""
 """)
 
 
-def torchrun(script, digits, out, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-           "--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, "--batch_size", "64", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def torchrun_demo(script, digits, out, *extra):
+    return torchrun("--config", DEMO, "--data_path", digits, "--output_dir", out, *TINY, "--batch_size", "64", *extra,
+                    script=script)
 
 
 def test_two_processes_per_rank_resume_across_a_swap_and_global_sync(digits, tmp_path, capsys):
@@ -261,10 +257,10 @@ def test_two_processes_per_rank_resume_across_a_swap_and_global_sync(digits, tmp
     keeper.write_text(KEEPER.format(root=ROOT, keep=str(keep)))
     per_rank = ("--epochs", "2", "--trilevel", section(sync="per_rank"))
 
-    res = torchrun(str(keeper), digits, tmp_path / "straight", *per_rank)
+    res = torchrun_demo(str(keeper), digits, tmp_path / "straight", *per_rank)
     assert res.returncode == 0, res.stderr[-3000:]
     assert load(keep)["epoch"] == 0 and load(keep)["methods"]["trilevel"]["selectors"][0]["swaps_done"] == 0
-    res = torchrun(os.path.join(ROOT, "main.py"), digits, tmp_path / "resumed", *per_rank, "--resume", str(keep))
+    res = torchrun_demo(None, digits, tmp_path / "resumed", *per_rank, "--resume", str(keep))
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = load(tmp_path / "straight" / "checkpoint.pth"), load(tmp_path / "resumed" / "checkpoint.pth")
     assert_same_weights(a, b)
@@ -286,7 +282,7 @@ def test_two_processes_per_rank_resume_across_a_swap_and_global_sync(digits, tmp
     assert code != 0 and len(lines) == 1 and "holds the example subsets of 2 processes but this run has 1" in lines[0]
 
     # sync global: every process records every presentation and all make the same swap (checked at every save)
-    res = torchrun(os.path.join(ROOT, "main.py"), digits, tmp_path / "global", "--epochs", "2", "--trilevel",
+    res = torchrun_demo(None, digits, tmp_path / "global", "--epochs", "2", "--trilevel",
                    section(sync="global"))
     assert res.returncode == 0, res.stderr[-3000:]
     log = read_log(tmp_path / "global")
