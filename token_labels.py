@@ -24,9 +24,10 @@ them are wired in ``config.py`` / ``datasets.py`` / ``main.py``; the published b
 
 * ``box_order`` (:func:`token_label_targets`): the published code stores the crop as ``(top, left, h, w)`` and hands
   ``(top, left, bottom, right)`` to RoIAlign, which reads ``(x1, y1, x2, y2)``: it crops the label map with x and y
-  swapped. ``"published"`` reproduces that, ``"fixed"`` (default) uses the crop's own box. On 4:3 ImageNet-sized
-  images the swapped box overlaps the intended one with a mean IoU of about 0.48 (below 0.5 on about half of the
-  crops).
+  swapped. ``"published"`` reproduces that with the published arithmetic (the map flipped before the crop, the far
+  corner ``top/H + h/H`` in float32 in the flipped image's frame), ``"fixed"`` (default) uses the crop's own box. On
+  4:3 ImageNet-sized images the swapped box overlaps the intended one with a mean IoU of about 0.48 (below 0.5 on
+  about half of the crops).
 * ``joint_transform`` (:class:`TokenLabelDataset`, e.g. :class:`LabelRandAugment` from
   :func:`build_token_label_transforms` with ``rand_augment="published"``): the published pipeline order, flip ->
   RandAugment -> random-resized crop, with RandAugment's rotation, shears and translations applied to the image and
@@ -312,16 +313,19 @@ def dense_score_map(scores: torch.Tensor, indices: torch.Tensor, num_classes: in
     return out.scatter_(1, indices.long(), scores.float())
 
 
-def crop_label_map(label_map: torch.Tensor, boxes: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+def crop_label_map(label_map: torch.Tensor, boxes: torch.Tensor, size: Tuple[int, int],
+                   scale: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """RoIAlign each sample's crop box out of its ``[B, K, H, W]`` map, resampled to ``size`` ``(h, w)``.
 
     ``boxes [B, 4]`` are ``(x1, y1, x2, y2)`` normalised to the image, so they map to the label grid by the grid size
-    whatever resolution the teacher ran at. Each output cell averages the bilinear samples inside its bin; the
-    ``- 0.5`` puts the grid's cell centres at integer coordinates (torchvision's unaligned convention).
+    whatever resolution the teacher ran at (``scale = (sx, sy)``, default the map's ``(W, H)``). Each output cell
+    averages the bilinear samples inside its bin; the ``- 0.5`` puts the grid's cell centres at integer coordinates
+    (torchvision's unaligned convention).
     """
     from torchvision.ops import roi_align
     b, _, h, w = label_map.shape
-    scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=label_map.device)
+    sx, sy = (w, h) if scale is None else scale
+    scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32, device=label_map.device)
     rois = torch.cat([torch.arange(b, dtype=torch.float32, device=label_map.device)[:, None],
                       boxes.float().to(label_map.device) * scale - 0.5], dim=1)
     return roi_align(label_map, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=False)
@@ -335,22 +339,22 @@ def smooth(target: torch.Tensor, smoothing: float) -> torch.Tensor:
     return target * (1.0 - smoothing) + smoothing / target.shape[-1]
 
 
-def published_box(box: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """The box the published code's RoIAlign crops with, in this module's frame, for crop boxes ``(x1, y1, x2, y2)``
-    ``[B, 4]`` (normalised, unflipped image) and flip flags ``[B]``.
+def published_box(crop: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The box the published code hands RoIAlign, ``(x1, y1, x2, y2)`` normalised, in the flipped image's frame, for
+    integer crops ``[B, 6]`` = ``(top, left, height, width, image height, image width)`` as
+    :class:`TokenLabelDataset` records them and flip flags ``[B]`` (true: the crop was drawn on the unflipped image and
+    the image flipped after it).
 
-    The published loader flips the image and its label map *before* the crop and records the crop as ``(top, left,
-    height, width)``; the targets then pass ``(top, left, bottom, right)`` to RoIAlign, which reads it as
-    ``(x1, y1, x2, y2)``: x and y swapped, in the flipped frame, and the crop is not flipped afterwards. Here the map is
-    unflipped and the crop is flipped after RoIAlign, so the same cells are sampled with the swapped box mirrored back:
-    ``(y1, x1, y2, x2)`` without a flip, ``(1 - y2, 1 - x2, 1 - y1, 1 - x1)`` with one (RoIAlign of a mirrored map with
-    a box is the mirror of RoIAlign of the map with the mirrored box). The published code also scales both axes by
-    the map's width: the same for the square maps both generators write.
+    The published loader flips the image and its label map before the crop, so a flipped crop starts at
+    ``left = W - left - width`` there. It stores ``(top/H, left/W, height/H, width/W)`` (Python division, kept in
+    float32), adds the origin to the size in float32 (the far corner is ``top/H + height/H``, not ``(top + height)/H``)
+    and passes ``(top, left, bottom, right)`` to RoIAlign, which reads it as ``(x1, y1, x2, y2)``: x and y swapped.
     """
-    x1, y1, x2, y2 = box.unbind(-1)
-    plain = torch.stack([y1, x1, y2, x2], dim=-1)
-    mirrored = torch.stack([1 - y2, 1 - x2, 1 - y1, 1 - x1], dim=-1)
-    return torch.where(flip.to(box.device).bool().view(-1, 1), mirrored, plain)
+    crop = crop.to(torch.float64)
+    top, left, h, w, height, width = crop.unbind(-1)
+    left = torch.where(flip.to(crop.device).bool(), width - left - w, left)
+    coords = torch.stack([top / height, left / width, h / height, w / width], dim=-1).float()
+    return torch.cat([coords[:, :2], coords[:, 2:] + coords[:, :2]], dim=-1)
 
 
 def token_label_targets(label: Dict[str, torch.Tensor], num_classes: int, size: Union[int, Tuple[int, int]],
@@ -362,21 +366,31 @@ def token_label_targets(label: Dict[str, torch.Tensor], num_classes: int, size: 
     cls: ``label_map`` (published default) the softmax of the crop's 1x1 RoIAlign; ``ground_truth`` the one-hot
     ``class_target``; ``corrected`` the published ``--ground-truth`` blend (0.5 label map + 0.5 one-hot when their
     top classes agree, 0.9 + 0.1 when they do not). Both get ``smoothing``.
-    box_order: ``fixed`` (default) crops the label map with the image's crop box; ``published`` with the published
-    code's box, x and y swapped (:func:`published_box`), for the dense and the class targets alike.
+    box_order: ``fixed`` (default) crops the label map with the image's crop box and flips the crop; ``published``
+    flips the map first and crops it with the published code's box and arithmetic, x and y swapped
+    (:func:`published_box`, from ``label["crop"]``), for the dense and the class targets alike.
     """
     if cls_source not in CLS_SOURCES:
         raise ValueError(f"token_label.cls_target '{cls_source}' is not one of {', '.join(CLS_SOURCES)}")
     if box_order not in BOX_ORDERS:
         raise ValueError(f"token_label.box_order '{box_order}' is not one of {', '.join(BOX_ORDERS)}")
     size = (size, size) if isinstance(size, int) else tuple(size)
-    full = dense_score_map(label["scores"], label["indices"], num_classes)
-    box = label["box"] if box_order == "fixed" else published_box(label["box"], label["flip"])
-    dense = crop_label_map(full, box, size)                                       # [B, K, h, w]
-    flip = label["flip"].to(dense.device).bool().view(-1, 1, 1, 1)
-    dense = torch.where(flip, dense.flip(-1), dense)
+    scores, indices = label["scores"], label["indices"]
+    flip = label["flip"].to(scores.device).bool().view(-1, 1, 1, 1)
+    if box_order == "fixed":
+        full = dense_score_map(scores, indices, num_classes)
+        box, scale = label["box"], None
+    else:                   # the published code: the map flipped first, the crop in that frame, both axes by the width
+        if "crop" not in label:
+            raise ValueError("box_order 'published' needs the integer crop ('crop') that TokenLabelDataset records")
+        full = dense_score_map(torch.where(flip, scores.flip(-1), scores), torch.where(flip, indices.flip(-1), indices),
+                               num_classes)
+        box, scale = published_box(label["crop"], label["flip"]), (full.shape[3], full.shape[3])
+    dense = crop_label_map(full, box, size, scale)                                # [B, K, h, w]
+    if box_order == "fixed":
+        dense = torch.where(flip.to(dense.device), dense.flip(-1), dense)
     dense = dense.softmax(dim=1).flatten(2).transpose(1, 2)                       # [B, h*w, K]
-    cls = crop_label_map(full, box, (1, 1)).flatten(1).softmax(dim=1)             # [B, K]
+    cls = crop_label_map(full, box, (1, 1), scale).flatten(1).softmax(dim=1)      # [B, K]
     if cls_source != "label_map":
         if class_target is None:
             raise ValueError(f"cls_target '{cls_source}' needs the class targets")
@@ -611,8 +625,10 @@ class TokenLabelDataset(Dataset):
 
     The random-resized crop ``(top, left, h, w)`` and the flip are drawn here with torch's RNG and applied to the
     image; ``label`` carries what the targets need, next to each other rather than hidden inside a tensor:
-    ``scores [k, H, W]`` float16, ``indices [k, H, W]``, ``box [4]`` = crop ``(x1, y1, x2, y2)`` / image size, and
-    ``flip`` (bool). :func:`token_label_targets` turns a collated batch into targets on the device.
+    ``scores [k, H, W]`` float16, ``indices [k, H, W]``, ``box [4]`` = crop ``(x1, y1, x2, y2)`` / image size,
+    ``crop [6]`` = the same crop in integers, ``(top, left, height, width, image height, image width)`` (what the
+    published arithmetic starts from), and ``flip`` (bool). :func:`token_label_targets` turns a collated batch into
+    targets on the device.
 
     ``joint_transform`` (``(img, scores, indices) -> (img, scores, indices)``, e.g. :class:`LabelRandAugment`):
     the published order instead: the flip is applied to the whole image and its label map first, then the joint
@@ -678,7 +694,7 @@ class TokenLabelDataset(Dataset):
         img = self.image_transform(img)
         box = torch.tensor([left / width, top / height, (left + w) / width, (top + h) / height], dtype=torch.float32)
         label = {"scores": torch.from_numpy(scores), "indices": torch.from_numpy(indices), "box": box,
-                 "flip": torch.tensor(flip)}
+                 "crop": torch.tensor([top, left, h, w, height, width], dtype=torch.int64), "flip": torch.tensor(flip)}
         return img, target, label
 
 

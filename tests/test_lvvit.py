@@ -547,9 +547,9 @@ def _published_code_targets(dense_map, image_hw, crop, flip, size):
     top, left, h, w = crop
     if flip:
         dense_map, left = dense_map.flip(-1), W - left - w        # the same crop, seen in the flipped image
-    coords = torch.tensor([[top / H, left / W, h / H, w / W]], dtype=torch.float64)
-    coords[:, 2:] += coords[:, :2]
-    rois = torch.cat([torch.zeros(1, 1), coords.float() * dense_map.shape[3] - 0.5], 1)
+    coords = torch.tensor([[top / H, left / W, h / H, w / W]], dtype=torch.float32)
+    coords[:, 2:] += coords[:, :2]                                # in float32, as the published label tensor
+    rois = torch.cat([torch.zeros(1, 1), coords * dense_map.shape[3] - 0.5], 1)
     dense = roi_align(dense_map, rois, output_size=(size, size))
     cls = roi_align(dense_map, rois, output_size=(1, 1))
     return dense.softmax(1).flatten(2).transpose(1, 2), cls.flatten(1).softmax(1)
@@ -565,11 +565,10 @@ def test_published_box_order_reproduces_the_published_swapped_crop():
         top, left, h, w = crop
         box = torch.tensor([[left / 80, top / 40, (left + w) / 80, (top + h) / 40]])
         for flip in (False, True):
-            lab = dict(label, box=box, flip=torch.tensor([flip]))
+            lab = dict(label, box=box, crop=torch.tensor([[top, left, h, w, 40, 80]]), flip=torch.tensor([flip]))
             got = tl.token_label_targets(lab, C, 4, box_order="published")
             dense, cls = _published_code_targets(label["scores"], image_hw, crop, flip, 4)
-            torch.testing.assert_close(got.dense, dense, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(got.cls, cls, rtol=1e-4, atol=1e-5)
+            assert torch.equal(got.dense, dense) and torch.equal(got.cls, cls)    # tests/test_token_label_boxes.py
             fixed = tl.token_label_targets(lab, C, 4)
             if crop != (0, 0, 40, 80):
                 assert not torch.allclose(fixed.dense, got.dense, atol=1e-3)
@@ -585,12 +584,13 @@ def test_swapped_box_mean_iou_on_imagenet_sized_crops():
     from torchvision.transforms import RandomResizedCrop
     torch.manual_seed(0)
     img = Image.new("RGB", (500, 375))
-    boxes = []
+    boxes, crops = [], []
     for _ in range(4000):
         i, j, h, w = RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
         boxes.append((j / 500, i / 375, (j + w) / 500, (i + h) / 375))
+        crops.append((i, j, h, w, 375, 500))
     b = torch.tensor(boxes, dtype=torch.float64)
-    s = tl.published_box(b, torch.zeros(len(b), dtype=torch.bool))
+    s = tl.published_box(torch.tensor(crops), torch.zeros(len(b), dtype=torch.bool)).double()
     inter = ((torch.minimum(b[:, 2], s[:, 2]) - torch.maximum(b[:, 0], s[:, 0])).clamp(min=0)
              * (torch.minimum(b[:, 3], s[:, 3]) - torch.maximum(b[:, 1], s[:, 1])).clamp(min=0))
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
@@ -601,7 +601,8 @@ def test_swapped_box_mean_iou_on_imagenet_sized_crops():
 def test_criterion_passes_the_box_order():
     torch.manual_seed(0)
     label = {"scores": torch.randn(2, 3, 4, 4).half(), "indices": torch.randint(0, 5, (2, 3, 4, 4)),
-             "box": torch.tensor([[0.1, 0.2, 0.9, 0.6], [0.0, 0.5, 0.5, 1.0]]), "flip": torch.tensor([True, False])}
+             "box": torch.tensor([[0.1, 0.2, 0.9, 0.6], [0.0, 0.5, 0.5, 1.0]]),
+             "crop": torch.tensor([[2, 1, 4, 8, 10, 10], [5, 0, 5, 5, 10, 10]]), "flip": torch.tensor([True, False])}
     outputs = (torch.randn(2, 5), torch.randn(2, 4, 5), MixBox(0, 0, 0, 0, 2, 2))
     for order in tl.BOX_ORDERS:
         crit = tl.TokenLabelCriterion(5, 2, box_order=order)
