@@ -2,9 +2,9 @@
 
 B. McDanel and C. P. Huynh, "Accelerating Vision Transformer Training via a Patch Sampling Schedule", arXiv
 2208.09520 (code github.com/BradMcDanel/pss @ 90c12ba; 4 x A100). The paper's tables could not be read; the figures
-below come from the repository (``shared/research/papers.md`` section 2.4): its README table [R], its validation
-logs and sweep files in the git history (``data/fracpatch/...``, commit cbad0f4) [R data], and the vector paths of its
-figure PDFs [V, exact to about +-0.01]. ``None`` cells were not recovered (printed "n/a (not recovered)").
+below come from the repository (file by file in ``docs/sources.md``): its README table [R], its validation logs and
+sweep files in the git history (``data/fracpatch/...``, commit cbad0f4) [R data], and the vector paths of its figure
+PDFs [V, exact to about +-0.01]. ``None`` cells were not recovered (printed "n/a (not recovered)").
 
 Top-1 is ImageNet-1k validation accuracy on all patches (keep rate 1.0); the README rounds to one decimal, the logs
 give the last and the best epoch (the published DeiT code keeps the best checkpoint). Training time is wall-clock
@@ -71,9 +71,12 @@ ROWS: List[PublishedRow] = [
                  precision="README 1 decimal; logs and sweep 3 decimals",
                  notes="trained from scratch at 384 px, 4 x 128; 464.9 img/s at rho = 1, 2.74 GFLOPs at rho = 0.2",
                  sweep={"top1": _sweep((82.716, 82.664, 82.434, 82.112, 81.732, 81.020, 79.946, 78.018, 73.858))}),
-    PublishedRow(PAPER, "README (older)", "DeiT-S-384", None, "baseline (384 px)", methods=None,
-                 train_time=150.0, time_unit="h", gpus=GPUS, source="BradMcDanel/pss older README",
-                 precision="approximate: the older README says '~150h'; accuracy '?' (never reported)"),
+    PublishedRow(PAPER, "README (older)", "DeiT-S-384", "vit_small_patch16_384", "baseline (384 px)", methods=(),
+                 train_time=150.0, time_unit="h", gpus=GPUS,
+                 source="BradMcDanel/pss README @ 54bbe43 (row removed in 90c12ba); deit/configs/deit-s-384/baseline.sh",
+                 precision="approximate: '~150h' while the run was still training; accuracy '?' (never reported)",
+                 notes="deit_small_patch16_384_384: plain DeiT-S at 384 px (CLS head, no relative position bias), "
+                       "4 x 128; timm's vit_small_patch16_384 is the same model"),
     # --- schedule comparison, SimMIM ViT-B fine-tune, top-1 at rho = 1.0 and the dynamic-inference sweep
     PublishedRow(PAPER, "Fig. sweep-drop-ratio", "ViT-B (sweep)", "pss_vit_base_patch16_224", "baseline", methods=(),
                  top1=83.712, source="figures/sweep-drop-ratio.pdf; sweep_drop.json", precision="[V] / read, 3 decimals",
