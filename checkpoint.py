@@ -35,7 +35,7 @@ from torch import nn
 
 VERSION = 2
 HEAD_PREFIXES = ("head.", "head_dist.", "aux_head.")
-RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pth", "best.pth", "summary.json")
+RUN_FILES = ("config.yaml", "log.jsonl", "iterations.jsonl", "checkpoint.pth", "best.pth", "summary.json")
 RUN_DIRS = ("tensorboard",)
 LOCK_NAME = ".lock"
 

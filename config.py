@@ -57,6 +57,7 @@ class Config:
     pin_memory: bool = True                    # pin loader memory (GPU only)
     print_freq: int = 20                       # iterations between plain log lines (off a terminal)
     tensorboard: bool = True                   # also write TensorBoard scalars under output_dir/tensorboard
+    log_every: int = 0                         # iterations between records of iterations.jsonl (loss, lr, grad norm, method state; 1: every one); 0: off
     eval: bool = False                         # evaluate `resume`/`finetune` weights and exit
     resume: str = ""                           # checkpoint to continue from ("auto": output_dir/checkpoint.pth if present)
     resume_optimizer: bool = True              # on resume, keep the optimizer's moments (false: start them afresh)
@@ -185,7 +186,8 @@ CHOICES = {
 }
 NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
                 "mixup", "cutmix", "model_ema_decay", "clip_grad", "color_jitter", "opt_eps", "decay_epochs",
-                "decay_rate", "recount", "token_label.cls_weight", "token_label.dense_weight", "cooldown_epochs")
+                "decay_rate", "recount", "token_label.cls_weight", "token_label.dense_weight", "cooldown_epochs",
+                "log_every")
 PROBABILITIES = ("reprob", "mixup_prob", "mixup_switch_prob", "hflip", "distillation_alpha")      # in [0, 1]
 RATES = ("drop", "drop_path", "smoothing", "momentum")                                          # in [0, 1)
 POSITIVE = ("epochs", "batch_size", "grad_accum_steps", "input_size", "lr_base_batch", "print_freq", "save_every",

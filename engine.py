@@ -100,7 +100,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                     device: torch.device, epoch: int, num_epochs: int, log: RunLogger, *,
                     amp_dtype: Optional[torch.dtype] = None, scaler: Optional[torch.amp.GradScaler] = None,
                     model_ema=None, mixup_fn=None, clip_grad: Optional[float] = None, accum_steps: int = 1,
-                    print_freq: int = 20, world_size: int = 1, methods: Optional[MethodSet] = None,
+                    print_freq: int = 20, world_size: int = 1, methods: Optional[MethodSet] = None, log_every: int = 0,
                     global_step: int = 0, iters_per_epoch: Optional[int] = None, start_step: int = 0,
                     resumed: Optional[Dict[str, Any]] = None, on_start: Optional[Callable[[], None]] = None,
                     should_stop: Optional[Callable[[], bool]] = None, input_size: Optional[int] = None,
@@ -118,7 +118,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     yes the epoch ends there and the result holds ``stopped_at`` (iterations of the epoch done) and ``progress``.
     With ``input_size`` (a curriculum's current size) batches of another size are brought to it by the methods
     (:meth:`methods.MethodSet.resize_images`) before mixup/cutmix. ``set_lr(k)`` (a per-iteration schedule) runs
-    before the first micro-batch of the epoch's ``k``-th optimizer update.
+    before the first micro-batch of the epoch's ``k``-th optimizer update. With ``log_every`` N > 0, every global
+    iteration divisible by N writes a record (:func:`iteration_record`) on rank 0; with 0 nothing is added per step.
     """
     model.train()
     if criterion is not None:
@@ -156,6 +157,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             if mixup_fn is not None:
                 images, targets = mixup_fn(images, targets)
             update = (it + 1) % accum_steps == 0 or it + 1 == num_iters
+            logged = log_every and log.enabled and (global_step + it) % log_every == 0
             sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with sync_ctx:
                 with autocast(device, amp_dtype):
@@ -172,16 +174,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                     scaled.backward()
             if methods.observers:
                 methods.observe(ExampleBatch(indices, _class_logits(outputs).detach().float(), labels, targets))
+            grad_norm = None
             if update:
+                if scaler is not None and (clip_grad is not None or logged):
+                    scaler.unscale_(optimizer)          # step() would unscale the same way: only the order moves
+                if clip_grad is not None:
+                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                elif logged:
+                    grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
                 if scaler is not None:
-                    if clip_grad is not None:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
                     scaler.step(optimizer)
                     scaler.update()
                 else:
-                    if clip_grad is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if model_ema is not None:
@@ -197,7 +201,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                 log.progress(f"Epoch [{epoch + 1}/{num_epochs}] [{it + 1}/{num_iters}] eta {format_seconds(meter.eta(it + 1))} "
                              f"loss {loss_value:.4f} ({loss_meter.avg:.4f}) lr {lr:.3e} {meter.rate():.1f} img/s"
                              + (f" {state}" if state else ""), final=it + 1 == num_iters)
-            if it % print_freq == 0:
+            if logged:
+                log.log_iteration(iteration_record(epoch, it, global_step + it, loss_value, loss_meter.avg,
+                                                   optimizer, grad_norm, meter.elapsed(), methods))
+            elif not log_every and it % print_freq == 0:
                 log.scalar("iter/loss", loss_value, global_step + it)
                 log.scalar("iter/lr", lr, global_step + it)
             if update and it + 1 < num_iters and should_stop is not None and should_stop():
@@ -218,6 +225,19 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             "epoch_seconds": meter.elapsed(), "data_seconds": data_time, "compute_seconds": compute_time,
             "iters": num_iters,
             "skipped_images": int(skipped)}
+
+
+def iteration_record(epoch: int, step: int, iteration: int, loss: float, loss_avg: float, optimizer,
+                     grad_norm: Optional[torch.Tensor], seconds: float, methods: MethodSet) -> Dict[str, Any]:
+    """One line of ``iterations.jsonl``: where (global ``iteration``, ``epoch``, ``step`` in it), this micro-batch's
+    loss and the epoch's running mean (rank 0's), the schedule's lr (the largest of the parameter groups: with
+    ``layer_decay`` the lower layers train at a fraction of it), the gradient norm before clipping (``None`` between
+    updates of an accumulation, or when it is not finite), the epoch's seconds so far, each method's state."""
+    norm = None if grad_norm is None else grad_norm.item()
+    return {"iteration": iteration, "epoch": epoch, "step": step, "loss": loss, "loss_avg": loss_avg,
+            "lr": max(g["lr"] for g in optimizer.param_groups),
+            "grad_norm": norm if norm is not None and math.isfinite(norm) else None, "seconds": seconds,
+            **methods.step_fields()}
 
 
 @torch.no_grad()

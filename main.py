@@ -46,7 +46,7 @@ from datasets import DatasetError, build_loaders, check_num_classes
 from distributed import (DeviceError, DistInfo, any_rank, barrier, cleanup, gather_to_all, init_distributed, rng_state,
                          seed_all, set_rng_state)
 from engine import AmpError, DistillationLoss, NonFiniteLossError, evaluate, resolve_amp, train_one_epoch
-from logger import RunLogger, format_seconds, trim_log
+from logger import ITERATIONS, RunLogger, format_seconds, trim_iterations, trim_log
 from methods import Clock, MethodError, MethodSet
 from models import create_model
 from models.resize import ResizeError, at_input_size, input_size_of, set_input_size
@@ -662,8 +662,11 @@ def open_run_dir(r: Run, overwrite: bool) -> Optional[ckpt_io.RunLock]:
         dropped = trim_log(os.path.join(out, "log.jsonl"), r.start.epoch)
         if dropped:
             r.log.info(f"log.jsonl: dropped {dropped} record(s) of epochs the checkpoint does not cover")
+        dropped = trim_iterations(os.path.join(out, ITERATIONS), r.start.global_step)
+        if dropped:
+            r.log.info(f"{ITERATIONS}: dropped {dropped} record(s) of iterations the checkpoint does not cover")
         save_config(cfg, os.path.join(out, "config.yaml"))
-        r.log.open_files(out, cfg.tensorboard)
+        r.log.open_files(out, cfg.tensorboard, iterations=cfg.log_every > 0, resume_step=r.start.global_step)
 
     try:
         on_main(r.dist, open_dir)
@@ -726,6 +729,7 @@ def save_mid_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[l
     step = stats["stopped_at"]
     path = os.path.join(r.cfg.output_dir, "checkpoint.pth")
     if r.dist.is_main:
+        r.log.sync()                              # the iteration records this checkpoint covers, on disk first
         mid = {"position": step * r.settings.batch_size, "world_size": r.dist.world_size,
                "batch_size": r.settings.batch_size, "grad_accum_steps": r.settings.grad_accum_steps, "ranks": ranks}
         state = checkpoint_state(r, epoch - 1, Position(epoch, step, global_step), methods_state, mid)
@@ -807,7 +811,7 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
             r.train_model, r.criterion, r.train_loader, r.optimizer, dist.device, epoch, cfg.total_epochs(), log,
             amp_dtype=r.amp_dtype, scaler=r.scaler, model_ema=r.model_ema, mixup_fn=r.mixup_fn,
             clip_grad=cfg.clip_grad, accum_steps=r.settings.grad_accum_steps, print_freq=cfg.print_freq,
-            world_size=dist.world_size, methods=r.methods, global_step=epoch_start_step,
+            world_size=dist.world_size, methods=r.methods, global_step=epoch_start_step, log_every=cfg.log_every,
             iters_per_epoch=r.iters_per_epoch, should_stop=lambda: stop.requested(dist.device),
             input_size=r.settings.input_size if r.resizing else None, set_lr=lr_setter(r, epoch), **resumed)
         global_step = epoch_start_step + stats["iters"]

@@ -13,7 +13,7 @@ The engine and the entrypoint only ever talk to a :class:`MethodSet` at a handfu
 anchor is MosaicML Composer's algorithms and events, kept smaller): build the model (``patch``), follow the training
 clock (``on_epoch`` / ``on_step``), change the recipe per epoch (``recipe``: input size, batch, RandAugment; the
 trainer rebuilds the loaders and resizes the model), choose and observe training examples (``train_indices`` /
-``observe``), report (``epoch_fields`` / ``progress`` / ``summary``), checkpoint (``state_dict``), evaluate
+``observe``), report (``epoch_fields`` / ``step_fields`` / ``progress`` / ``summary``), checkpoint (``state_dict``), evaluate
 (``eval_variants``) and be measured (``variants`` / ``op_modules`` / ``inference_knob``). Every hook has a do-nothing default, so a method
 implements only what it changes. Packages beside this file that hold a ``method.py`` are imported on first use of
 the registry: a new method needs its package and a config, nothing else.
@@ -232,6 +232,11 @@ class Method:
         """Per-epoch figures for ``log.jsonl`` and TensorBoard; keys start with ``<name>_``."""
         return {}
 
+    def step_fields(self) -> Dict[str, Any]:
+        """The state the last iteration trained in, as numbers for the per-iteration log (``log_every``): keys start
+        with ``<name>_``. Asked on rank 0 only, every ``log_every`` iterations: no collectives, nothing costly."""
+        return {}
+
     def epoch_text(self) -> str:
         """The method's part of the one-line epoch summary."""
         return ""
@@ -443,9 +448,16 @@ class MethodSet:
         return " | ".join(t for t in (m.epoch_text() for m in self.methods) if t)
 
     def epoch_fields(self) -> Dict[str, Any]:
+        return self._fields("epoch_fields")
+
+    def step_fields(self) -> Dict[str, Any]:
+        return self._fields("step_fields")
+
+    def _fields(self, hook: str) -> Dict[str, Any]:
+        """Every method's ``epoch_fields`` or ``step_fields``, each key under the method's own prefix."""
         out: Dict[str, Any] = {}
         for m in self.methods:
-            fields = m.epoch_fields()
+            fields = getattr(m, hook)()
             bad = [k for k in fields if not k.startswith(m.name + "_")]
             if bad:
                 raise RuntimeError(f"method {m.name} logs '{bad[0]}': its fields must start with '{m.name}_'")

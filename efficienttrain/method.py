@@ -164,6 +164,9 @@ class EfficientTrain(Method):
     def progress(self) -> str:
         return f"ET {self.current.input_size}px"
 
+    def step_fields(self) -> Dict[str, Any]:
+        return {"efficienttrain_phase": self.current.index + 1, "efficienttrain_input_size": self.current.input_size}
+
     def epoch_fields(self) -> Dict[str, Any]:
         p = self.current
         return {"efficienttrain_phase": p.index + 1, "efficienttrain_input_size": p.input_size,

@@ -124,6 +124,9 @@ class PatchSamplingSchedule(Method):
     def progress(self) -> str:
         return f"keep {1 - self.drop_ratio:.1f} ({self.kept} patches)"
 
+    def step_fields(self) -> Dict[str, Any]:
+        return {"pss_drop_ratio": self.drop_ratio, "pss_kept_patches": self.kept}
+
     def epoch_fields(self) -> Dict[str, Any]:
         n = max(self._steps, 1)
         return {"pss_keep_rate": self._keep_sum / n, "pss_kept_patches": self._kept_sum / n}

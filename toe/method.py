@@ -129,6 +129,9 @@ class ToE(Method):
     def epoch_fields(self) -> Dict[str, Any]:
         return {"toe_stage": self.stage, "toe_kept_tokens": self.kept}
 
+    def step_fields(self) -> Dict[str, Any]:
+        return self.epoch_fields()              # the stage is the epoch's
+
     def epoch_text(self) -> str:
         return f"ToE stage {self.stage}, {self.kept}/{self.num_patches} tokens"
 

@@ -324,6 +324,14 @@ class TriLevel(Method):
             out.append(f"subset {len(self.selector.train_ids)}")
         return " ".join(out)
 
+    def step_fields(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        if self.sparse:
+            out.update(trilevel_keep_ratio=self.ratios[0], trilevel_attn_ratio=self.ratios[1])
+        if self.selector is not None:
+            out["trilevel_subset"] = int(len(self.selector.train_ids))
+        return out
+
     def epoch_fields(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         if self.sparse:
