@@ -389,8 +389,10 @@ def token_label_targets(label: Dict[str, torch.Tensor], num_classes: int, size: 
     dense = crop_label_map(full, box, size, scale)                                # [B, K, h, w]
     if box_order == "fixed":
         dense = torch.where(flip.to(dense.device), dense.flip(-1), dense)
-    dense = dense.softmax(dim=1).flatten(2).transpose(1, 2)                       # [B, h*w, K]
-    cls = crop_label_map(full, box, (1, 1), scale).flatten(1).softmax(dim=1)      # [B, K]
+    cls = crop_label_map(full, box, (1, 1), scale)                                # [B, K, 1, 1]
+    # one softmax over the classes of [B, K, 1 + h*w], the published layout (the same values to the last bit)
+    both = torch.cat([cls.flatten(2), dense.flatten(2)], dim=2).softmax(dim=1)
+    cls, dense = both[:, :, 0], both[:, :, 1:].transpose(1, 2)                    # [B, K], [B, h*w, K]
     if cls_source != "label_map":
         if class_target is None:
             raise ValueError(f"cls_target '{cls_source}' needs the class targets")

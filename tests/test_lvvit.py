@@ -550,9 +550,10 @@ def _published_code_targets(dense_map, image_hw, crop, flip, size):
     coords = torch.tensor([[top / H, left / W, h / H, w / W]], dtype=torch.float32)
     coords[:, 2:] += coords[:, :2]                                # in float32, as the published label tensor
     rois = torch.cat([torch.zeros(1, 1), coords * dense_map.shape[3] - 0.5], 1)
-    dense = roi_align(dense_map, rois, output_size=(size, size))
-    cls = roi_align(dense_map, rois, output_size=(1, 1))
-    return dense.softmax(1).flatten(2).transpose(1, 2), cls.flatten(1).softmax(1)
+    dense = roi_align(dense_map, rois, output_size=(size, size)).flatten(2)
+    cls = roi_align(dense_map, rois, output_size=(1, 1)).flatten(2)
+    target = torch.cat([cls, dense], 2).softmax(1)                # one softmax, the class token first
+    return target[:, :, 1:].transpose(1, 2), target[:, :, 0]
 
 
 def test_published_box_order_reproduces_the_published_swapped_crop():

@@ -67,9 +67,10 @@ def _published_reference(scores, indices, draws):
         flipped.append(maps[b].flip(-1) if flip else maps[b])
     maps = torch.stack(flipped)
     rois = torch.from_numpy(np.stack(rows))
-    dense = roi_align(maps, rois, output_size=(TOKENS, TOKENS))
-    cls = roi_align(maps, rois, output_size=(1, 1))
-    return dense.softmax(1).flatten(2).transpose(1, 2), cls.flatten(1).softmax(1), rois
+    dense = roi_align(maps, rois, output_size=(TOKENS, TOKENS)).flatten(2)
+    cls = roi_align(maps, rois, output_size=(1, 1)).flatten(2)
+    target = torch.cat([cls, dense], 2).softmax(1)                 # class token first, one softmax over the classes
+    return target[:, :, 1:].transpose(1, 2), target[:, :, 0], rois
 
 
 def _previous_formula(scores, indices, draws):
