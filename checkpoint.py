@@ -26,9 +26,11 @@ import os
 import shutil
 import socket
 import time
+import re
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -173,6 +175,43 @@ def reconcile_best(checkpoint: str, best: str, state: Dict[str, Any]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+# classes of other code bases whose pickled objects a checkpoint may carry beside its tensors (the published SimMIM's
+# yacs CfgNode config, an attribute dict): read as plain data, never by running their code
+_MAX_OPAQUE_CLASSES = 16
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+) was not an allowed global")
+
+
+def _load_weights_only(path: str) -> Tuple[Any, List[str]]:
+    """``torch.load(weights_only=True)`` that reads a class it does not know as plain data instead of refusing.
+
+    The published codes' checkpoints pickle their ``argparse.Namespace`` (DeiT, ToE, PSS, timm's saver): exactly that
+    class is let through, for this load only. Any other unknown class (found in the refusal) is read as an
+    ``OrderedDict`` of its items and attributes (``copyreg``'s protocol-2 form: a new empty object, its items, its
+    ``__dict__``); nothing of that class runs. A file whose unknown global is a function, or whose object does not
+    fit that form, is still refused. Returns the checkpoint and the classes read as plain data."""
+    allowed: list = [argparse.Namespace]
+    opaque: List[str] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            break
+        except Exception as e:  # noqa: BLE001
+            m = _UNSUPPORTED.search(str(e))
+            if m is None or m.group(1) in opaque or len(opaque) >= _MAX_OPAQUE_CLASSES or _is_callable_global(m.group(1)):
+                raise
+            opaque.append(m.group(1))
+            allowed.append((OrderedDict, m.group(1)))
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])          # plain data from here on
+    return ckpt, opaque
+
+
+def _is_callable_global(name: str) -> bool:
+    """A global that names a function rather than a class (by convention: a lower-case last part): never stood in for."""
+    return not name.rpartition(".")[2][:1].isupper()
+
+
 def load_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; every failure is one :class:`CheckpointError` line that names
     ``what`` (the config key that pointed here) and the file."""
@@ -185,13 +224,10 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
         raise CheckpointError(f"{what}: {path} is empty (0 bytes): it was never completely written; point {what} at "
                               f"another checkpoint (e.g. best.pth) or start a new run")
     try:
-        # the published codes' checkpoints (DeiT/ToE/PSS main.py: model, model_ema, ..., args; timm's saver used by
-        # TokenLabeling: state_dict, state_dict_ema, args) pickle their argparse.Namespace: exactly that class is
-        # let through, for this load only (never torch's global list); anything else stays refused
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt, opaque = _load_weights_only(path)
     except Exception as e:  # noqa: BLE001 -- a truncated, foreign or unsafe file
-        unsafe = [line.strip() for line in str(e).splitlines() if "Unsupported" in line]
+        unsafe = [line.strip() for line in str(e).splitlines()
+                  if line.lower().startswith(("unsupported", "trying to", "can only"))]
         if unsafe:
             reason = unsafe[0].split(". ")[0].replace("WeightsUnpickler error: ", "")
             raise CheckpointError(f"{what}: {path} was refused because loading it would run pickled code ({reason}); "
@@ -199,10 +235,10 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
                                   f"state_dict") from None
         raise CheckpointError(f"{what}: cannot read {path} ({size} bytes): {type(e).__name__}: {first_line(e)[:160]}; "
                               f"the file is truncated or not a checkpoint: point {what} at another one") from None
+    if opaque:
+        print(f"{what}: {path}: read {', '.join(opaque)} as plain data (their code is not run)", flush=True)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{what}: {path} is not a checkpoint dictionary")
-    if isinstance(ckpt.get("args"), argparse.Namespace):
-        ckpt["args"] = vars(ckpt["args"])          # plain data from here on
     return ckpt
 
 
@@ -257,8 +293,22 @@ def resume_state(ckpt: Dict[str, Any], path: str) -> ResumeState:
                        timm_format="lr_scheduler" not in ckpt)
 
 
+def in_model_layout(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
+    """``state`` in ``model``'s keys: a model variant that reads the checkpoints of a published code base (another
+    key layout) says how through its ``adapt_state_dict`` method (timm's ``checkpoint_filter_fn``, on the model);
+    other models take ``state`` as it is."""
+    adapt = getattr(model, "adapt_state_dict", None)
+    if adapt is None:
+        return state
+    try:
+        return adapt(state)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {first_line(e)}") from None
+
+
 def load_weights_strict(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
     """Load all weights or fail with a message that says which model the checkpoint does not fit."""
+    state = in_model_layout(model, state, source)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -286,7 +336,7 @@ def adapt_for_finetune(model: nn.Module, state: Dict[str, torch.Tensor], source:
     from timm.layers import resample_abs_pos_embed
 
     own = model.state_dict()
-    state = dict(state)
+    state = dict(in_model_layout(model, state, source))
     report = {"dropped": [], "resampled": []}
     pos = state.get("pos_embed")
     if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:

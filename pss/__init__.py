@@ -6,8 +6,8 @@
     sampler.set_drop_ratio(schedule.drop_ratio(epoch * iterations_per_epoch + step))   # every iteration
     model.train()                                  # samples in training; model.eval() runs on all patches
 """
-from .models import (PositionalRelPosAttention, follow_positions, from_published_state_dict,
-                     relative_position_bias)
+from .models import (PositionalRelPosAttention, PSSBeit, follow_positions, from_published_state_dict,
+                     from_simmim_pretraining, relative_position_bias)
 from .ops import (SAMPLERS, PatchSampler, apply_sampler, find_sampler, gather_tokens, iter_samplers,
                   remove_sampler, sample_patches, select_patches, set_drop_ratio)
 from .schedule import SCHEDULERS, PSSSchedule, ScheduleError, num_kept_patches, snap
@@ -15,4 +15,4 @@ from .schedule import SCHEDULERS, PSSSchedule, ScheduleError, num_kept_patches, 
 __all__ = ["PSSSchedule", "ScheduleError", "SCHEDULERS", "num_kept_patches", "snap", "SAMPLERS", "PatchSampler",
            "sample_patches", "select_patches", "gather_tokens", "apply_sampler", "remove_sampler", "find_sampler",
            "iter_samplers", "set_drop_ratio", "PositionalRelPosAttention", "relative_position_bias",
-           "follow_positions", "from_published_state_dict"]
+           "follow_positions", "from_published_state_dict", "from_simmim_pretraining", "PSSBeit"]

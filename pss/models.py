@@ -32,7 +32,8 @@ from torch import nn
 
 from models.tokens import TokenPositions, token_positions
 
-__all__ = ["PositionalRelPosAttention", "relative_position_bias", "follow_positions", "from_published_state_dict"]
+__all__ = ["PositionalRelPosAttention", "PSSBeit", "relative_position_bias", "follow_positions",
+           "from_published_state_dict", "from_simmim_pretraining"]
 
 
 def relative_position_bias(table: torch.Tensor, rel_index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -86,23 +87,33 @@ def follow_positions(model: nn.Module) -> int:
     return count
 
 
+SIMMIM_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
 def from_published_state_dict(state_dict: Mapping[str, torch.Tensor],
                               model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
     """Map a checkpoint of the published PSS code onto the keys of these models (``load_state_dict(strict=True)``).
 
     Both codes descend from BEiT's, so names and shapes already agree (``patch_embed.proj``, ``cls_token``,
     ``pos_embed``, ``blocks.i.attn.{qkv.weight, q_bias, v_bias, relative_position_bias_table, proj}``,
-    ``blocks.i.mlp.fc1/fc2``, ``gamma_1/2``, ``fc_norm``, ``head``). The one difference: the published code saves
-    every ``relative_position_index`` (a constant of the window size) while timm rebuilds it, so it is dropped; with
+    ``blocks.i.mlp.fc1/fc2``, ``gamma_1/2``, ``fc_norm``, ``head``). The published code saves every
+    ``relative_position_index`` (a constant of the window size) while timm rebuilds it, so it is dropped; with
     ``model`` given, each dropped index is first checked against the model's. Also accepts a whole checkpoint
     (``{"model": ...}``) and strips DDP's ``module.`` prefix.
+
+    A SimMIM *pre-training* checkpoint (``encoder.``-prefixed keys, one shared bias table) is converted as the
+    published fine-tuning loads it (:func:`from_simmim_pretraining`); that needs ``model``.
     """
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
         state_dict = state_dict["model"]
+    state_dict = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
+    if is_simmim_pretraining(state_dict):
+        if model is None:
+            raise ValueError("a SimMIM pre-training checkpoint is converted for a model: pass `model`")
+        return from_simmim_pretraining(state_dict, model)
     own = dict(model.named_buffers()) if model is not None else {}
     out: Dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
         if key.endswith("relative_position_index"):
             if key in own and not torch.equal(own[key].to(value.device), value):
                 raise ValueError(f"{key} of the checkpoint differs from the model's: it was written for another "
@@ -110,6 +121,60 @@ def from_published_state_dict(state_dict: Mapping[str, torch.Tensor],
             continue
         out[key] = value
     return out
+
+
+def is_simmim_pretraining(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """The layout the published SimMIM pre-training saves: the ViT under ``encoder.`` (beside the ``decoder.``), or
+    its shared relative position bias table (``USE_SHARED_RPB``)."""
+    return any(k.startswith("encoder.") for k in state_dict) or SIMMIM_SHARED_TABLE in state_dict
+
+
+def from_simmim_pretraining(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The weights the published SimMIM fine-tuning starts from, as ``load_pretrained`` there makes them.
+
+    Only the ``encoder.`` part is kept (prefix removed); the shared bias table is copied into every block's table;
+    every ``relative_position_index`` is dropped (rebuilt from the window size); what the classifier does not use
+    (``mask_token``, the pre-training's final ``norm``) is dropped; and what the pre-training has no weights for
+    (``fc_norm``, ``head``: the published load is ``strict=False``) keeps the model's initial values. A table of
+    another window size is refused (the published code interpolates it; not needed at the published 224 px).
+    """
+    if any(k.startswith("encoder.") for k in state_dict):
+        state_dict = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    state = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
+    shared = state.pop(SIMMIM_SHARED_TABLE, None)
+    own = model.state_dict()
+    if shared is not None:
+        for i in range(len(model.blocks)):
+            state.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared.clone())
+    for key, value in state.items():
+        if key.endswith("relative_position_bias_table") and key in own and value.shape != own[key].shape:
+            raise ValueError(f"{key}: the pre-training's table {tuple(value.shape)} is for another window size than "
+                             f"the model's {tuple(own[key].shape)}; fine-tune at the pre-training's input size")
+    out = {k: v for k, v in state.items() if k in own}
+    for key, value in own.items():
+        if key not in out and key.startswith(("fc_norm.", "head.")):
+            out[key] = value
+    return out
+
+
+class PSSBeit(beit.Beit):
+    """timm's ``Beit`` as the published PSS and SimMIM code build it: only ``pos_embed`` and ``cls_token`` are
+    exempt from weight decay (with timm's rule that 1-D parameters and biases are exempt too), so the relative
+    position bias tables decay. ``rel_pos_bias_decay=False`` exempts them as BEiT and timm do (a deviation).
+    Published checkpoints load through :meth:`adapt_state_dict`."""
+
+    def __init__(self, *args, rel_pos_bias_decay: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rel_pos_bias_decay = rel_pos_bias_decay
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"} if self.rel_pos_bias_decay else super().no_weight_decay()
+
+    def adapt_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Weights of the published PSS / SimMIM code (or ours) in this model's keys (see
+        :func:`from_published_state_dict`); what the generic checkpoint loading calls before it checks the keys."""
+        return from_published_state_dict(state_dict, self)
 
 
 # ------------------------------------------------------------------------------------------- registration
@@ -127,12 +192,12 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool, **kwargs) -> beit.Beit:
-    """timm's ``Beit`` whose per-block bias follows sampled patches, initialised as the published model."""
+def _create(variant: str, pretrained: bool, **kwargs) -> PSSBeit:
+    """timm's ``Beit`` whose per-block bias follows sampled patches, initialised and decayed as the published model."""
     if pretrained:
         raise ValueError(f"{variant}: no pretrained weights are bundled; load a checkpoint with `finetune` "
-                         "(published PSS checkpoints: pss.from_published_state_dict)")
-    model = build_model_with_cfg(beit.Beit, variant, pretrained=False,
+                         "(published PSS and SimMIM checkpoints are converted on load)")
+    model = build_model_with_cfg(PSSBeit, variant, pretrained=False,
                                  feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
     # the published model initialises the patch projection like every Linear (timm's Beit keeps torch's default)
     trunc_normal_(model.patch_embed.proj.weight, std=0.02)
@@ -148,20 +213,20 @@ _DEIT_S = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.
 
 
 @register_model
-def pss_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> beit.Beit:
+def pss_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> PSSBeit:
     """DeiT-S PSS model (published ``pss_deit_small_patch16_224_384``): abs. pos. embed + per-block RPB, q/v bias,
     no layer scale, mean pooling + fc_norm."""
     return _create("pss_deit_small_patch16_224", pretrained, **{**_DEIT_S, "img_size": 224, **kwargs})
 
 
 @register_model
-def pss_deit_small_patch16_384(pretrained: bool = False, **kwargs) -> beit.Beit:
+def pss_deit_small_patch16_384(pretrained: bool = False, **kwargs) -> PSSBeit:
     """DeiT-S PSS model at 384 px (published ``pss_deit_small_patch16_384_384``)."""
     return _create("pss_deit_small_patch16_384", pretrained, **{**_DEIT_S, "img_size": 384, **kwargs})
 
 
 @register_model
-def pss_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> beit.Beit:
+def pss_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> PSSBeit:
     """SimMIM ViT-B for PSS fine-tuning: per-block RPB, no abs. pos. embed, q/v bias, layer scale 0.1, mean pooling."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True,
                 use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=False, init_values=0.1,

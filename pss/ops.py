@@ -26,31 +26,36 @@ SAMPLERS = ("magnitude", "random")
 
 
 def patch_scores(patches: torch.Tensor) -> torch.Tensor:
-    """L1 norm of every patch token ``[B, N, C] -> [B, N]``, the published ranking (``x.abs().sum(-1)``).
+    """Every patch token's share of the image's L1 mass ``[B, N, C] -> [B, N]``: the published ranking score
+    (``x.abs().sum(-1)`` divided by its per-image sum).
 
     Half-precision tokens are ranked in float32: a bf16 sum would tie many patches that the reference (run in
-    float32 before its autocast region matters) tells apart. The reference also divides by the per-image sum,
-    which cannot change the order and is left out.
+    float32 before its autocast region matters) tells apart. The division by the per-image sum cannot reorder
+    distinct values, but rounding can make two of them equal, and ties decide which patches are kept: it stays.
     """
     if patches.dtype in (torch.float16, torch.bfloat16):
         patches = patches.float()
-    return patches.abs().sum(-1)
+    scores = patches.abs().sum(-1)
+    return scores / scores.sum(dim=1, keepdim=True)
 
 
 def select_patches(x: torch.Tensor, num_keep: int, sampler: str, num_prefix_tokens: int = 1,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``[B, num_keep]`` positions among the patch tokens (0-based, prefix not counted) in the order they are kept.
 
-    ``magnitude``: the largest L1 norms first, in descending order (as the reference's descending argsort).
+    ``magnitude``: the largest scores first, in descending order: the first ``num_keep`` of the published
+    ``argsort(descending=True)``, the same call, so that equal scores (identical patches: flat image borders, or
+    any two equal patches of a model without an absolute position embedding) keep the positions the published code
+    keeps; ``topk`` breaks such ties otherwise.
     ``random``: an independent uniform subset per image, in increasing order of uniform noise, i.e. a uniformly
     random order (the reference takes the first k of an argsort of ``torch.rand``; ``topk`` of the same noise keeps
-    the same set in the same order without sorting all N).
+    the same set in the same order without sorting all N: continuous noise has no ties).
     """
     batch, num_patches = x.shape[0], int(x.shape[1]) - num_prefix_tokens
     with torch.no_grad():
         if sampler == "magnitude":
             scores = patch_scores(x[:, num_prefix_tokens:])
-            return scores.topk(num_keep, dim=1, largest=True, sorted=True).indices
+            return scores.argsort(dim=1, descending=True)[:, :num_keep]
         if sampler == "random":
             noise = torch.rand(batch, num_patches, device=x.device, generator=generator)
             return noise.topk(num_keep, dim=1, largest=False, sorted=True).indices
@@ -125,11 +130,13 @@ class PatchSampler(nn.Module):
         return (self.training or self.force) and self.drop_ratio > 0.0
 
     def num_keep(self, num_patches: int) -> int:
-        """Patches that leave the sampler for ``num_patches`` input patches, in the current mode."""
+        """Patches that leave the sampler for ``num_patches`` input patches, in the current mode: the published
+        count, down to 0 (the class token alone, as the published code keeps it; a config whose schedule gets there
+        is refused at start, see :meth:`pss.method.PatchSamplingSchedule.patch`)."""
         if not self.active:
             return num_patches
         keep = num_kept_patches(num_patches, self.drop_ratio)
-        if keep < 1:
+        if keep < 0:
             raise ValueError(f"PSS drop ratio {self.drop_ratio} keeps {keep} of {num_patches} patches")
         return keep
 

@@ -135,7 +135,7 @@ def select_tokens_ablation(xn: torch.Tensor, schedule: ToESchedule, stage: int, 
     schedule's ``chunk_sizes``): an ablation row changes *which* tokens are kept at the same speed-up, so its
     accuracy difference is the value of the replaced step and not of a different token budget (the speed-up factor
     is its own ablation: ``keep_rates`` / ``init_keep_rate``). Our reading of the paper's component ablation; the
-    paper's table itself was not recovered (``shared/research/toe_tables.md`` section 6).
+    paper's table itself was not recovered (``docs/sources.md``, ToE).
 
     * ``init: grid`` (published): the raster-stride seeds of :func:`seed_positions`, shared by the batch.
       ``init: random``: an independent uniformly random set of ``m`` patch positions per image, in raster order.

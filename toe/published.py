@@ -1,10 +1,10 @@
 """Published figures of the ToE paper, and the figures of other sources its tables sit beside, as data.
 
 W. Huang et al., "A General and Efficient Training for Transformer via Token Expansion", CVPR 2024 (arXiv 2404.00672;
-code github.com/Osilly/TokenExpansion @ 01e52fe). What was and was not recovered is recorded in
-``shared/research/toe_tables.md`` and ``shared/research/papers.md`` section 1: **none of the paper's numeric table
+code github.com/Osilly/TokenExpansion @ 01e52fe). What was and was not recovered, with the
+address of every source, is in ``docs/sources.md``: **none of the paper's numeric table
 cells could be read**, so every ToE cell below is ``None`` (printed as "n/a (not recovered)"). Fill them from the
-CVF or arXiv PDF by hand, never from memory. The settings of each row are the official scripts' (section 7.2 there);
+CVF or arXiv PDF by hand, never from memory. The settings of each row are the official scripts' (named there);
 where the paper's model for a row is unconfirmed the note says so.
 
 ``kind="context"`` rows are *not* ToE table values: they are the DeiT and LV-ViT READMEs' figures and EfficientTrain's
@@ -19,7 +19,7 @@ from methods import PublishedRow
 
 PAPER = "toe"
 SOURCE = "ToE, CVPR 2024 (arXiv 2404.00672)"
-NOT_RECOVERED = "table cells not recovered (shared/research/toe_tables.md)"
+NOT_RECOVERED = "table cells not recovered (docs/sources.md)"
 
 # the official scripts' schedules (Osilly/TokenExpansion run/*.sh, ET_training.py); every other toe: key at its default
 DEIT = dict(expansion_steps=[0, 100, 200], keep_rates=[0.5, 0.75, 1.0], init_keep_rate=0.25, repeat_k=2)
@@ -110,7 +110,7 @@ ROWS: List[PublishedRow] = [
     # --- context: not ToE's numbers. DeiT README (eval of the released weights), LV-ViT README (224 px) and
     # TokenLabeling issue #23 (LV-ViT-T), EfficientTrain's own Tab. 5 (imgs/in_1k.png @ a85f8ec, 3090 GPUs).
     *[PublishedRow("deit", "README", f"{name} (released weights)", model, "DeiT", methods=(), top1=top1,
-                   source="facebookresearch/deit README (eval of the released checkpoints; shared/research/anchors.md 1b)",
+                   source="facebookresearch/deit README_deit.md @ 7e160fe (eval of the released checkpoints)",
                    precision="read, 3 decimals", kind="context", notes="the DeiT paper rounds to 72.2 / 79.8 / 81.8")
       for name, model, top1 in (("DeiT-Ti", "deit_tiny_patch16_224", 72.202), ("DeiT-S", "deit_small_patch16_224", 79.854),
                                 ("DeiT-B", "deit_base_patch16_224", 81.846))],

@@ -2,7 +2,7 @@
 
 Z. Kong et al., "Peeling the Onion: Hierarchical Reduction of Data Redundancy for Efficient Vision Transformer
 Training", AAAI 2023 (arXiv 2211.10801; code github.com/ZLKong/Tri-Level-ViT @ 2bf7f80). The paper's tables could not
-be read (``shared/research/papers.md`` section 3.4). What is known:
+be read (``docs/sources.md`` gives every address). What is known:
 
 * the abstract [R]: DeiT-T 72.6 % top-1 (+0.4) at a 15.2 % speed-up, DeiT-S 79.9 % (+0.1) at 15.7 %; "speed-up" is
   the reduction of training time against the dense DeiT at the same epochs, so the time is 84.8 / 84.3 % of it;
