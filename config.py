@@ -88,7 +88,8 @@ class Config:
     # --- optimisation ----------------------------------------------------------------------------------------
     epochs: int = 300                          # training epochs (the lr schedule's length; cooldown_epochs follow)
     cooldown_epochs: int = 0                   # epochs trained after `epochs` at min_lr (timm / TokenLabeling: LV-ViT trains 300 + 10)
-    sched_step: str = "timm"                   # timm: epoch e trains with lr(e) | published: DeiT's loop, epoch e trains with lr(e - 1) (epochs 0 and 1 at warmup_lr) | iteration: set per optimizer update (ConvNeXt / EfficientTrain code)
+    sched_step: str = "timm"                   # timm: epoch e trains with lr(e) | published: DeiT's loop, epoch e trains with lr(e - 1) (epochs 0 and 1 at warmup_lr) | iteration: set before each optimizer update, the decay after the warm-up (ConvNeXt / EfficientTrain code) | swin: stepped after each update (update g trains with lr(g - 1)), one decay over all updates whose first ones the warm-up replaces (SimMIM / Swin code)
+    epoch_updates: str = "loader"              # loader: every micro-batch of the loader (a last, smaller update when grad_accum_steps does not divide them) | images: at most images // global batch updates, the micro-batches past them not trained (ConvNeXt / EfficientTrain engine)
     batch_size: int = 64                       # per process; global batch = batch_size * world_size * grad_accum_steps
     grad_accum_steps: int = 1                  # iterations per optimizer step
     opt: str = "adamw"                         # adamw | adam | sgd | lamb
@@ -97,6 +98,7 @@ class Config:
     momentum: float = 0.9                      # SGD momentum, in [0, 1)
     weight_decay: float = 0.05                 # decoupled weight decay (not on biases and norms)
     layer_decay: Optional[float] = None        # layer-wise lr decay (BEiT/SimMIM fine-tuning), by timm's optimizer factory
+    layer_decay_bounds: str = "scaled"         # scaled: each layer group's scale multiplies its whole lr curve, warmup_lr and min_lr included (timm 1.x) | shared: it multiplies the peak only, warmup_lr and min_lr are the same for every group (SimMIM / Swin code)
     clip_grad: Optional[float] = None          # max gradient norm; null: no clipping
     lr: float = 5e-4                           # for a global batch of lr_base_batch
     lr_base_batch: int = 512                   # the global batch lr is given for (linear scaling rule)
@@ -181,8 +183,10 @@ CHOICES = {
     "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
     "token_label.box_order": BOX_ORDERS,
     "token_label.rand_augment": RAND_AUGMENTS,
-    "sched_step": ("timm", "published", "iteration"),
+    "sched_step": ("timm", "published", "iteration", "swin"),
     "repeated_aug_single": ("always", "published"),
+    "epoch_updates": ("loader", "images"),
+    "layer_decay_bounds": ("scaled", "shared"),
 }
 NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
                 "mixup", "cutmix", "model_ema_decay", "clip_grad", "color_jitter", "opt_eps", "decay_epochs",

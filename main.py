@@ -165,10 +165,13 @@ def parse_args(argv: List[str]) -> Tuple[Config, bool]:
     return cfg, overwrite
 
 
+PER_UPDATE = ("iteration", "swin")        # sched_step values that set the lr per optimizer update
+
+
 def lr_epoch(cfg: Config, epoch: int) -> int:
     """The scheduler epoch whose lr trains ``epoch``: ``epoch`` (``sched_step: timm``), or ``epoch - 1`` (DeiT's
     loop steps the scheduler after an epoch with the index it just finished, so epochs 0 and 1 both train at
-    ``lr(0)``, the warm-up lr). (``sched_step: iteration`` sets the lr per update instead: :func:`lr_setter`.)"""
+    ``lr(0)``, the warm-up lr). (``sched_step: iteration`` / ``swin`` set the lr per update instead: :func:`lr_setter`.)"""
     return max(epoch - 1, 0) if cfg.sched_step == "published" else epoch
 
 
@@ -178,29 +181,50 @@ def updates_per_epoch(cfg: Config, images: int, world_size: int) -> int:
     return max(1, images // (cfg.batch_size * cfg.grad_accum_steps * world_size))
 
 
+def epoch_iterations(cfg: Config, s: "Settings", loader_len: int, images: int, world_size: int) -> Tuple[int, int]:
+    """``(micro-batches trained, optimizer updates)`` of an epoch whose loader yields ``loader_len`` micro-batches per
+    process under recipe ``s``. ``epoch_updates: loader``: all of them, the last update on fewer than
+    ``grad_accum_steps`` when they do not divide. ``images``: as the ConvNeXt code base's engine, at most
+    ``images // global batch`` updates, and the micro-batches past them are not trained."""
+    accum = s.grad_accum_steps
+    iters = loader_len
+    if cfg.epoch_updates == "images":
+        iters = min(iters, updates_per_epoch(recipe_config(cfg, s), images, world_size) * accum)
+    return iters, -(-iters // accum)
+
+
 def build_scheduler(cfg: Config, optimizer, updates: int):
-    """timm's scheduler for the config: per epoch, or with ``sched_step: iteration`` per optimizer update as the
-    ConvNeXt code base (EfficientTrain) sets it: a linear warm-up over ``warmup_epochs x updates`` updates, then
-    the decay over the remaining ``(epochs - warmup_epochs) x updates`` (timm's ``warmup_prefix``)."""
+    """timm's scheduler for the config: per epoch, or per optimizer update. ``sched_step: iteration`` (the ConvNeXt
+    code base, EfficientTrain): a linear warm-up over ``warmup_epochs x updates`` updates comes before the decay over
+    the remaining ``(epochs - warmup_epochs) x updates`` (timm's ``warmup_prefix``). ``swin`` (the SimMIM / Swin
+    code): the decay spans all ``epochs x updates`` updates and the warm-up replaces its first ones."""
     from timm.scheduler import create_scheduler_v2
-    per_update = cfg.sched_step == "iteration"
+    per_update = cfg.sched_step in PER_UPDATE
+    prefix = cfg.sched_step == "iteration"
     sched, _ = create_scheduler_v2(optimizer, sched=cfg.sched,
-                                   num_epochs=cfg.epochs - (cfg.warmup_epochs if per_update else 0),
+                                   num_epochs=cfg.epochs - (cfg.warmup_epochs if prefix else 0),
                                    decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
                                    min_lr=cfg.min_lr if cfg.min_lr is not None else 0.0,   # (eval, plan only)
                                    warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-                                   cooldown_epochs=cfg.cooldown_epochs, warmup_prefix=per_update,
+                                   cooldown_epochs=cfg.cooldown_epochs, warmup_prefix=prefix,
                                    step_on_epochs=not per_update, updates_per_epoch=updates if per_update else 0)
     return sched
 
 
+def lr_update(cfg: Config, epoch: int, k: int, updates: int) -> int:
+    """The scheduler update whose lr trains update ``k`` of ``epoch`` (per-update schedules): global update
+    ``g = epoch x updates + k`` (``iteration``: the ConvNeXt engine sets lr(g) before it; with ``epoch_updates:
+    loader`` an epoch's leftover update keeps its last value), or ``g - 1`` (``swin``: the SimMIM / Swin engine steps
+    the scheduler after each update, and the first one trains at the warm-up start)."""
+    g = epoch * updates + min(k, updates - 1)
+    return max(g - 1, 0) if cfg.sched_step == "swin" else g
+
+
 def lr_setter(r: "Run", epoch: int):
-    """With ``sched_step: iteration``: what the engine calls before each update ``k`` of ``epoch`` (the lr of global
-    update ``epoch x updates + k``; an epoch's leftover update keeps its last value). Else ``None``."""
-    if r.cfg.sched_step != "iteration":
+    """With a per-update schedule: what the engine calls before each update ``k`` of ``epoch``. Else ``None``."""
+    if r.cfg.sched_step not in PER_UPDATE:
         return None
-    u = r.updates_per_epoch
-    return lambda k: r.scheduler.step_update(epoch * u + min(k, u - 1))
+    return lambda k: r.scheduler.step_update(lr_update(r.cfg, epoch, k, r.updates_per_epoch))
 
 
 def nproc_note(cfg: Config, world_size: int) -> Optional[str]:
@@ -287,6 +311,7 @@ class Run:
     iters_per_epoch: Optional[int] = None
     updates_per_epoch: int = 1                # the period of a per-iteration lr schedule
     settings: Optional[Settings] = None       # the recipe of the epoch being trained (and of the train loader)
+    first_subset: Optional[Tuple[int, Optional[list]]] = None   # (epoch, the methods' subset), chosen at build
     resizing: bool = False                    # a method changes the input size (the model follows it)
 
 
@@ -412,20 +437,37 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
     return DistillationLoss(base, teacher, cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau), mixup_fn
 
 
-def build_optimizer(r: Run) -> None:
+def create_optimizer(cfg: Config, model: nn.Module, lr: float):
+    """timm's optimizer factory for the config: weight decay on all but 1-D parameters, biases and the model's
+    ``no_weight_decay()``, layer-wise lr scales with ``layer_decay`` (see :func:`share_lr_bounds`)."""
     from timm.optim import create_optimizer_v2
 
-    cfg = r.cfg
-    r.lr = scaled_lr(cfg, r.dist.world_size)
     opt_kwargs = {"momentum": cfg.momentum} if cfg.opt == "sgd" else {"eps": cfg.opt_eps}
     if cfg.opt_betas is not None:
         opt_kwargs["betas"] = tuple(cfg.opt_betas)
-    r.optimizer = create_optimizer_v2(r.model, opt=cfg.opt, lr=r.lr, weight_decay=cfg.weight_decay,
-                                      layer_decay=cfg.layer_decay, **opt_kwargs)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
+                                    layer_decay=cfg.layer_decay, **opt_kwargs)
+    if cfg.layer_decay_bounds == "shared":
+        share_lr_bounds(optimizer)
+    return optimizer
+
+
+def build_optimizer(r: Run) -> None:
+    cfg = r.cfg
+    r.lr = scaled_lr(cfg, r.dist.world_size)
+    r.optimizer = create_optimizer(cfg, r.model, r.lr)
     # the schedule is always built from the resolved config (also on resume: a new --lr or --epochs takes effect)
     r.updates_per_epoch = updates_per_epoch(cfg, len(r.train_loader.dataset), r.dist.world_size)
     r.scheduler = build_scheduler(cfg, r.optimizer, r.updates_per_epoch)
     r.scaler = torch.amp.GradScaler("cuda") if r.amp_dtype == torch.float16 else None
+
+
+def share_lr_bounds(optimizer) -> None:
+    """Give every layer-decay group its scaled peak lr as its own base value, so that timm's scheduler (which
+    multiplies the whole curve by a group's ``lr_scale``) keeps ``warmup_lr`` and ``min_lr`` the same for every group,
+    as the SimMIM / Swin code's groups are built (``layer_decay_bounds: shared``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.pop("lr_scale", 1.0)
 
 
 def restore(r: Run, path: str, ckpt: Dict[str, Any]) -> None:
@@ -482,6 +524,9 @@ def check_mid_epoch(r: Run, rs: ResumeState) -> None:
     diff = [f"{k} {mid.get(k)} -> {v}" for k, v in now.items() if mid.get(k) != v]
     if not diff:
         mine = mid["ranks"][r.dist.rank]
+        n = len(r.train_loader.dataset)
+        if mine.get("dataset_len", n) != n:          # the epoch's subset holds indices of the old dataset
+            diff.append(f"training set size {mine['dataset_len']} -> {n}")
         sampler.set_epoch(rs.next_epoch)
         sampler.set_indices(None if mine["subset"] is None else mine["subset"].tolist())
         if len(sampler) != mine["sampler_len"]:
@@ -539,6 +584,7 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     r.settings = every_epoch[min(start, len(every_epoch) - 1)]
     r.train_loader, r.val_loader, nb_classes = build_loaders(recipe_config(cfg, r.settings), dist.rank,
                                                              dist.world_size, cfg.seed)
+    r.val_loader = with_batch_size(r.val_loader, int(1.5 * cfg.batch_size))
     check_recipe_batches(r, every_epoch)
     r.nb_classes = check_num_classes(cfg.nb_classes, nb_classes)
     r.model = build_model(cfg, r.nb_classes, r.methods, img_size=cfg.input_size if cfg.eval else r.settings.input_size)
@@ -549,7 +595,7 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
         log.info(f"fine-tuning from {cfg.finetune}: dropped {report['dropped'] or 'nothing'}, "
                  f"resampled {report['resampled'] or 'nothing'}")
     r.model.to(dist.device)
-    r.n_params = sum(p.numel() for p in r.model.parameters() if p.requires_grad)
+    r.n_params = count_parameters(r.model, cfg.input_size if r.resizing else None)
     build_optimizer(r)
     r.criterion, r.mixup_fn = build_criterion(cfg, r.nb_classes, dist.device)
     if ckpt is not None:
@@ -561,9 +607,32 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
         else:
             restore(r, resume_file, ckpt)
     wrap(r, ckpt, resume_file)
-    if r.resume is not None and not r.resume.mid_epoch:        # a mid-epoch state loads at that epoch's start
-        r.methods.load_state_dict(ckpt.get("methods") or {})
+    if r.resume is not None:        # here, so that a state a method cannot continue refuses before anything is written
+        r.methods.load_state_dict(ckpt.get("methods") or {})     # (a mid-epoch state loads again at its epoch's start)
+    if not cfg.eval and r.start.epoch < cfg.total_epochs() and not (r.resume is not None and r.resume.mid_epoch):
+        # the first epoch's subset, chosen here for the same reason (a dataset of another size, a subset too small)
+        r.first_subset = (r.start.epoch, r.methods.train_indices(r.start.epoch, len(r.train_loader.dataset)))
     return r
+
+
+def count_parameters(model: nn.Module, size: Optional[int] = None) -> int:
+    """Trainable parameters, of the model at ``size`` px when given (a curriculum that resizes the position embedding
+    reports the count of the model it ends with, whatever the epoch the process started in)."""
+    with (at_input_size(model, size) if size is not None else contextlib.nullcontext()):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def with_batch_size(loader, batch_size: int):
+    """``loader`` with another batch size (the same dataset, sampler, workers and collate). The val loader keeps the
+    config's batch through a curriculum of other training batches, so that evaluation does not depend on the epoch
+    the process started in."""
+    if loader.batch_size == batch_size:
+        return loader
+    from torch.utils.data import DataLoader
+    return DataLoader(loader.dataset, sampler=loader.sampler, batch_size=batch_size, drop_last=loader.drop_last,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
+                      collate_fn=loader.collate_fn)
 
 
 def check_recipe_batches(r: Run, every_epoch: List[Settings]) -> None:
@@ -576,6 +645,11 @@ def check_recipe_batches(r: Run, every_epoch: List[Settings]) -> None:
                                f"epoch from {r.cfg.data_path}; lower batch_size")
 
 
+def trained_iterations(r: Run, s: Settings, loader_len: int) -> int:
+    """The micro-batches an epoch of recipe ``s`` trains when its loader yields ``loader_len`` (``epoch_updates``)."""
+    return epoch_iterations(r.cfg, s, loader_len, len(r.train_loader.dataset), r.dist.world_size)[0]
+
+
 def apply_recipe(r: Run, epoch: int) -> None:
     """Put the run in ``epoch``'s recipe: rebuild the train loader for a new batch or RandAugment (same process),
     resize the model, its EMA and the position embedding's optimizer moments for a new input size (and wrap it in
@@ -584,7 +658,7 @@ def apply_recipe(r: Run, epoch: int) -> None:
     changed = []
     if new.loader_key() != r.settings.loader_key():
         r.train_loader = build_loaders(recipe_config(cfg, new), r.dist.rank, r.dist.world_size, cfg.seed)[0]
-        r.iters_per_epoch = len(r.train_loader)
+        r.iters_per_epoch = trained_iterations(r, new, len(r.train_loader))
         changed.append(f"batch {new.batch_size}/process, RandAugment {new.aa or 'none'}")
     if new.grad_accum_steps != r.settings.grad_accum_steps:
         changed.append(f"accumulation {new.grad_accum_steps}")
@@ -687,15 +761,17 @@ def begin_epoch(r: Run, epoch: int, global_step: int) -> Tuple[Optional[list], i
     sampler.set_epoch(epoch)
     mid = r.resume.mid_epoch if r.resume is not None and epoch == r.start.epoch and r.start.step else None
     if mid is None:
-        subset = methods.train_indices(epoch, len(r.train_loader.dataset))
+        first, r.first_subset = r.first_subset, None
+        subset = (first[1] if first is not None and first[0] == epoch
+                  else methods.train_indices(epoch, len(r.train_loader.dataset)))
         sampler.set_indices(subset)
-        r.iters_per_epoch = r.iters_per_epoch or len(r.train_loader)
+        r.iters_per_epoch = r.iters_per_epoch or trained_iterations(r, r.settings, len(r.train_loader))
         methods.on_epoch(Clock(epoch, 0, global_step, r.iters_per_epoch, cfg.total_epochs()))
         return subset, 0, {}
     mine = mid["ranks"][r.dist.rank]
     subset = None if mine.get("subset") is None else mine["subset"].tolist()
     sampler.set_indices(subset)
-    r.iters_per_epoch = r.iters_per_epoch or len(r.train_loader)
+    r.iters_per_epoch = r.iters_per_epoch or trained_iterations(r, r.settings, len(r.train_loader))
     step = r.start.step
     methods.on_epoch(Clock(epoch, 0, global_step - step, r.iters_per_epoch, cfg.total_epochs()))
     methods.load_state_dict(r.resume.ckpt.get("methods") or {})     # the state at the stop, after the epoch's start
@@ -723,7 +799,8 @@ def save_mid_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[l
     running figures, the methods' state; then stop (exit 3)."""
     sampler = r.train_loader.sampler
     mine = {"rng": rng_state(), "progress": stats["progress"],        # first: nothing may draw before
-            "subset": None if subset is None else torch.tensor(subset), "sampler_len": len(sampler) + sampler.start}
+            "subset": None if subset is None else torch.tensor(subset), "sampler_len": len(sampler) + sampler.start,
+            "dataset_len": len(r.train_loader.dataset)}
     ranks = gather_to_all(mine)
     methods_state = r.methods.state_dict()
     step = stats["stopped_at"]
@@ -813,7 +890,8 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
             clip_grad=cfg.clip_grad, accum_steps=r.settings.grad_accum_steps, print_freq=cfg.print_freq,
             world_size=dist.world_size, methods=r.methods, global_step=epoch_start_step, log_every=cfg.log_every,
             iters_per_epoch=r.iters_per_epoch, should_stop=lambda: stop.requested(dist.device),
-            input_size=r.settings.input_size if r.resizing else None, set_lr=lr_setter(r, epoch), **resumed)
+            input_size=r.settings.input_size if r.resizing else None, set_lr=lr_setter(r, epoch),
+            epoch_iters=trained_iterations(r, r.settings, done + len(r.train_loader)), **resumed)
         global_step = epoch_start_step + stats["iters"]
         if "stopped_at" in stats:
             save_mid_epoch(r, epoch, stats, subset, global_step, stop)

@@ -1,7 +1,8 @@
 """``python main.py --config CFG --plan``: the whole schedule of a run, before spending the GPUs.
 
-One row per span of epochs where anything changes (phase, input size, RandAugment, batch and accumulation, every
-active method's state through :meth:`methods.Method.plan_state`), with the lr at the span's start, then the totals:
+One row per span of epochs where anything changes (phase, input size, RandAugment, batch and accumulation, optimizer
+updates per epoch, every active method's state through :meth:`methods.Method.plan_state`), with the lr at the span's
+start, then the totals:
 training FLOPs (:func:`measure.model_flops`), the ideal speed-up against the same recipe without its methods, and
 the images seen. It reads the config only: no data, no outputs, no device. The process count is the recipe's
 ``nproc`` (``--nproc N`` overrides it; 1 without either). An unknown ``min_lr`` (``null``) shows as unknown.
@@ -18,7 +19,7 @@ from methods import Clock, MethodSet
 def _lrs(cfg, nproc: int, epochs: int, images: int) -> List[Optional[float]]:
     """The lr each epoch starts with (after the linear rule at ``nproc`` processes; per-iteration schedules: at the
     epoch's first update); ``None`` where it depends on an unknown ``min_lr``."""
-    from main import build_scheduler, lr_epoch, scaled_lr, updates_per_epoch
+    from main import PER_UPDATE, build_scheduler, lr_epoch, lr_update, scaled_lr, updates_per_epoch
     unknown = cfg.min_lr is None
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=scaled_lr(cfg, nproc))
     updates = updates_per_epoch(cfg, images, nproc)
@@ -26,13 +27,27 @@ def _lrs(cfg, nproc: int, epochs: int, images: int) -> List[Optional[float]]:
     out = []
     for e in range(epochs):
         t = lr_epoch(cfg, e)
-        if cfg.sched_step == "iteration":
-            sched.step_update(e * updates)
+        if cfg.sched_step in PER_UPDATE:
+            sched.step_update(lr_update(cfg, e, 0, updates))
         else:
             sched.step(t)
         known = not unknown or (t < cfg.warmup_epochs) or cfg.sched == "constant"
         out.append(opt.param_groups[0]["lr"] if known else None)
     return out
+
+
+def _updates(cfg, s, nproc: int, images: int, fraction: float) -> int:
+    """Optimizer updates of an epoch under recipe ``s`` (:func:`main.epoch_iterations`): its loader yields the
+    training sampler's per-process share of the epoch's examples in whole batches (an example-level method trains on
+    ``fraction`` of them, the held-out part rounded down)."""
+    from datasets import RASampler, ShuffleSampler
+    from main import epoch_iterations
+    n = images - int(images * (1 - fraction))
+    if cfg.repeated_aug and (nproc > 1 or cfg.repeated_aug_single == "always"):     # as datasets.build_loaders picks
+        sampler = RASampler(range(n), nproc, 0, repeats=cfg.ra_repeats)
+    else:
+        sampler = ShuffleSampler(range(n), nproc, 0)
+    return epoch_iterations(cfg, s, len(sampler) // s.batch_size, images, nproc)[1]
 
 
 def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
@@ -58,6 +73,7 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
         state = {"phase": phase, "input_size": s.input_size, "aa": s.aa or "none",
                  "batch": f"{s.batch_size} x {nproc} x {s.grad_accum_steps} = "
                           f"{s.batch_size * nproc * s.grad_accum_steps}",
+                 "updates": str(_updates(cfg, s, nproc, images, methods.data_fraction())) if images else "unknown",
                  **{m.name: m.plan_state(clock, patches) or "-" for m in methods}}
         if rows and rows[-1]["state"] == state:
             rows[-1]["last"] = e
@@ -83,14 +99,15 @@ def _patch_size(model_name: str) -> int:
 
 
 def format_plan(cfg, rows: List[Dict[str, Any]], totals: Dict[str, Any]) -> str:
-    names = [k for k in rows[0]["state"] if k not in ("phase", "input_size", "aa", "batch")] if rows else []
-    head = ["epochs", "phase", "input", "RandAugment", "batch/proc x procs x accum", "lr at start", *names]
+    names = [k for k in rows[0]["state"] if k not in ("phase", "input_size", "aa", "batch", "updates")] if rows else []
+    head = ["epochs", "phase", "input", "RandAugment", "batch/proc x procs x accum", "updates/epoch", "lr at start",
+            *names]
     table = [head]
     for r in rows:
         s = r["state"]
         lr = "unknown (min_lr: null)" if r["lr"] is None else f"{r['lr']:.3e}"
-        table.append([f"{r['first']}-{r['last']}", s["phase"] or "-", str(s["input_size"]), s["aa"], s["batch"], lr,
-                      *[s[n] for n in names]])
+        table.append([f"{r['first']}-{r['last']}", s["phase"] or "-", str(s["input_size"]), s["aa"], s["batch"],
+                      s["updates"], lr, *[s[n] for n in names]])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [f"plan of {cfg.model}: {totals['epochs']} epochs ({cfg.epochs} + {cfg.cooldown_epochs} cooldown) on "
              f"{totals['nproc']} process(es), sched_step {cfg.sched_step}, min_lr "
