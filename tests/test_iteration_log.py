@@ -273,3 +273,32 @@ def test_log_every_is_validated_and_off_by_default(tree, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "bad")
     from config import Config
     assert Config().log_every == 0
+
+
+# ------------------------------------------------------------------------------------------------ the plot
+def test_plot_script_draws_every_logged_field_against_iterations(reference, tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import plot_iterations
+    finally:
+        sys.path.pop(0)
+    records = read_iterations(os.path.join(reference, ITERATIONS))
+    fig = plot_iterations.plot({"ref": records}, str(tmp_path / "it.png"), smooth=2)
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels == ["loss", "lr", "grad_norm", "pss_drop_ratio", "pss_kept_patches"]
+    raw, smooth = fig.axes[0].get_lines()[:2]
+    assert list(raw.get_xdata()) == list(range(2 * ITERS)) and list(raw.get_ydata()) == [r["loss"] for r in records]
+    assert smooth.get_ydata()[-1] == pytest.approx((records[-1]["loss"] + records[-2]["loss"]) / 2)
+    assert list(fig.axes[3].get_lines()[0].get_ydata()) == [published_cyclic(g, ITERS) for g in range(2 * ITERS)]
+    from matplotlib.image import imread
+    assert imread(str(tmp_path / "it.png")).shape[0] > 100
+    assert plot_iterations.moving_mean([1.0, 2.0, 3.0, 5.0], 2) == [1.0, 1.5, 2.5, 4.0]
+
+    out = tmp_path / "cmd.png"
+    script = os.path.join(ROOT, "scripts", "plot_iterations.py")
+    res = subprocess.run([sys.executable, script, reference, "--fields", "loss,pss_drop_ratio", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and out.is_file(), res.stderr
+    res = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path}: no {ITERATIONS} (train with " \
+                                                          f"--log_every N, e.g. --log_every 10)"
