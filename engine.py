@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from typing import Any, Callable, Dict, Optional
@@ -104,7 +105,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                     global_step: int = 0, iters_per_epoch: Optional[int] = None, start_step: int = 0,
                     resumed: Optional[Dict[str, Any]] = None, on_start: Optional[Callable[[], None]] = None,
                     should_stop: Optional[Callable[[], bool]] = None, input_size: Optional[int] = None,
-                    set_lr: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
+                    set_lr: Optional[Callable[[int], None]] = None,
+                    epoch_iters: Optional[int] = None) -> Dict[str, Any]:
     """Train for one epoch; returns averaged metrics. Stops with :class:`NonFiniteLossError` on a NaN/inf loss.
 
     Batches are ``(images, *targets, dataset indices)``. ``global_step`` is the iteration counter at the start of
@@ -120,6 +122,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     (:meth:`methods.MethodSet.resize_images`) before mixup/cutmix. ``set_lr(k)`` (a per-iteration schedule) runs
     before the first micro-batch of the epoch's ``k``-th optimizer update. With ``log_every`` N > 0, every global
     iteration divisible by N writes a record (:func:`iteration_record`) on rank 0; with 0 nothing is added per step.
+    ``epoch_iters`` (``start_step`` included) ends the epoch before the loader does (``main.epoch_iterations``: with
+    ``epoch_updates: images``, the micro-batches past ``images // global batch`` updates are not trained).
     """
     model.train()
     if criterion is not None:
@@ -127,6 +131,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     methods = methods if methods is not None else MethodSet([])
     resumed = resumed or {}
     num_iters = start_step + len(loader)
+    if epoch_iters is not None:
+        num_iters = min(num_iters, epoch_iters)
     loss_meter = AverageMeter()
     loss_meter.sum, loss_meter.count = resumed.get("loss_sum", 0.0), resumed.get("loss_count", 0)
     meter = Throughput(num_iters, start_step, resumed.get("images", 0), resumed.get("seconds", 0.0))
@@ -139,7 +145,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     stopped_at = None
     t_data = time.perf_counter()
     try:
-        for it, batch in enumerate(batches, start=start_step):
+        for it, batch in enumerate(itertools.islice(batches, max(num_iters - start_step, 0)), start=start_step):
             t_compute = time.perf_counter()
             data_time += t_compute - t_data
             if methods.per_step:
