@@ -154,6 +154,17 @@ class PatchSamplingSchedule(Method):
         lo, hi = 1 - float(ratios.max()), 1 - float(ratios.min())
         return f"keep {lo:.1f}" if lo == hi else f"keep {lo:.1f}-{hi:.1f}"
 
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """The sums behind ``pss_keep_rate`` / ``pss_kept_patches`` of the epoch in progress (the schedule follows
+        from the trainer's iteration counter), so that an epoch resumed inside logs the uninterrupted run's means."""
+        return {"epoch_sums": {"keep": self._keep_sum, "kept": self._kept_sum, "steps": self._steps}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        sums = state.get("epoch_sums")
+        if sums is not None:
+            self._keep_sum, self._kept_sum, self._steps = float(sums["keep"]), int(sums["kept"]), int(sums["steps"])
+
     # --- measurement ----------------------------------------------------------------------------------------
     def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
         """One state per snapped drop ratio, with its exact share of the iterations, epoch by epoch."""

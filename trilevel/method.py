@@ -37,6 +37,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from checkpoint import first_line
 from methods import Clock, ExampleBatch, Method, MethodError, TokenSite, Variant, register_method
 
 from .cost import ForwardCost, ViTDims, representative_states, stage_tokens
@@ -380,45 +381,65 @@ class TriLevel(Method):
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """The example level only (the ratios follow from the clock). ``global``: this process's selector (the same
-        on every process; checked); ``per_rank``: every process's selector, gathered, in rank order."""
+        """The example level (the ratios follow from the clock): the selector, and the figures of the epoch in
+        progress (presentations, correct ones, the swap made at its start), so that a run stopped inside an epoch
+        logs what an uninterrupted one does. ``global``: this process's state (the same on every process; checked);
+        ``per_rank``: every process's, gathered, in rank order."""
         if self.selector is None:
             return {}
         _, world = _dist()
         mine = self.selector.state_dict()
+        figures = {"epoch": self.epoch, "presented": self.presented_this_epoch, "correct": self.correct_this_epoch,
+                   "swap": _swap_state(self.swap_this_epoch)}
+        common = {"pool_fraction": float(self.section.pool_fraction)}
         if self.section.sync == "per_rank":
-            every = [None] * world
+            every = [(mine, figures)]
             if world > 1:
-                torch_dist.all_gather_object(every, mine)
-            else:
-                every = [mine]
-            return {"sync": "per_rank", "world_size": world, "selectors": every}
+                every = [None] * world
+                torch_dist.all_gather_object(every, (mine, figures))
+            return {"sync": "per_rank", "world_size": world, "selectors": [e[0] for e in every],
+                    "epoch_figures": [e[1] for e in every], **common}
         if world > 1:
             _check_same_everywhere(self.selector)
-        return {"sync": "global", "selector": mine}
+        return {"sync": "global", "selector": mine, "epoch_figures": figures, **common}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore the example level; a checkpoint this run cannot continue is one line (the trainer loads it before
+        anything is written, and again at the start of a resumed epoch)."""
         if self.level is None or not state:
             return
         rank, world = _dist()
         sync = state.get("sync")
         if sync != self.section.sync:
             raise MethodError(f"trilevel.sync: the checkpoint was written with sync {sync}, this run uses "
-                              f"{self.section.sync}; resume with the same sync")
+                              f"{self.section.sync}; resume with --trilevel.sync {sync}")
+        saved = state.get("pool_fraction")
+        if saved is not None and float(saved) != float(self.section.pool_fraction):
+            raise MethodError(f"trilevel.pool_fraction: the checkpoint's subset and pool were drawn with "
+                              f"pool_fraction {saved:g} before training and cannot be redrawn inside a run; resume "
+                              f"with --trilevel.pool_fraction {saved:g} (or start a new run)")
+        figures = state.get("epoch_figures")
         if sync == "per_rank":
             if state["world_size"] != world:
                 raise MethodError(f"trilevel.sync per_rank: the checkpoint holds the example subsets of "
                                   f"{state['world_size']} processes but this run has {world}; resume on "
                                   f"{state['world_size']} processes (or use sync global)")
             mine = state["selectors"][rank]
+            figures = figures[rank] if figures is not None else None
         else:
             mine = state["selector"]
+        if self.level.tie_break == "cls_var" and "cls_var_sum" not in mine["stats"]:
+            raise MethodError("trilevel.tie_break: the checkpoint's statistics since the last swap hold no CLS-attention "
+                              "variances (written with tie_break none); resume with --trilevel.tie_break none")
         sel = ExampleSelector(self.level, [], [], num_examples=int(mine["capacity"]), seed=int(mine["seed"]))
         try:
             sel.load_state_dict(mine)
-        except TriLevelConfigError as e:
-            raise MethodError(str(e)) from None
+        except (TriLevelConfigError, ValueError) as e:
+            raise MethodError(first_line(e)) from None
         self.selector = sel
+        if figures is not None:
+            self.presented_this_epoch, self.correct_this_epoch = int(figures["presented"]), int(figures["correct"])
+            self.swap_this_epoch = sel.last_swap = _swap_result(figures["swap"])
 
     # --- evaluation and measurement -------------------------------------------------------------------------
     def eval_variants(self) -> Dict[str, Callable[[], contextlib.AbstractContextManager]]:
@@ -492,3 +513,23 @@ def _check_same_everywhere(selector: ExampleSelector) -> None:
     if any(not torch.equal(e, every[0]) for e in every):
         raise RuntimeError(f"trilevel (sync global): the processes hold different example subsets or statistics "
                            f"({[e.tolist() for e in every]})")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint helpers
+def _swap_state(swap: Optional[SwapResult]) -> Optional[Dict[str, Any]]:
+    """A swap as plain data and tensors (``weights_only``; int32 below 2**31, as the selector stores ids)."""
+    if swap is None:
+        return None
+
+    def packed(values) -> torch.Tensor:
+        a = np.asarray(values, dtype=np.int64)
+        return torch.from_numpy(a.astype(np.int32) if a.size == 0 or a.max() < 2 ** 31 else a)
+    return {"epoch": -1 if swap.epoch is None else int(swap.epoch),
+            **{k: packed(getattr(swap, k)) for k in ("removed", "restored", "dropped", "removed_counts")}}
+
+
+def _swap_result(state: Optional[Dict[str, Any]]) -> Optional[SwapResult]:
+    if state is None:
+        return None
+    return SwapResult(None if state["epoch"] < 0 else int(state["epoch"]),
+                      *(state[k].numpy().astype(np.int64) for k in ("removed", "restored", "dropped", "removed_counts")))
