@@ -164,3 +164,19 @@ def test_run_takes_images_over_the_global_batch_updates_in_every_phase(digits, t
     curve = [lr * i / w if i < w else 1e-5 + 0.5 * (lr - 1e-5) * (1 + math.cos(math.pi * (i - w) / (t - w)))
              for i in range(t)]
     assert [r["train_lr"] for r in log] == pytest.approx([curve[e * 22 + 21] for e in range(2)], rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ the README
+@pytest.mark.parametrize("config", ["deit_s_toe.yaml", "deit_s_et_toe.yaml"])
+def test_readme_plan_examples_are_what_the_command_prints(config, no_flops):
+    """Item 12: the README's ``--plan`` examples are today's output, line for line (the FLOPs line aside: counted
+    elsewhere, in tests of the plan's totals)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    command = f"$ python main.py --config configs/{config} --plan\n"
+    assert command in readme
+    shown = readme.split(command, 1)[1].split("```", 1)[0].splitlines()
+    cfg = load_config(os.path.join(CONFIGS, config))
+    printed = plan_mod.format_plan(cfg, *plan_mod.plan(cfg)).splitlines()
+    keep = lambda lines: [ln for ln in lines if not ln.startswith("training FLOPs")]      # noqa: E731
+    assert keep(shown) == keep(printed) and len(shown) == len(printed)
