@@ -85,7 +85,8 @@ def plot(runs: Dict[str, List[Dict[str, Any]]], path: str, fields: Sequence[str]
                 ax.plot(x, moving_mean(y, window), lw=1.4, color=line.get_color(),
                         label=f"{name} (mean of {window})")
             else:
-                ax.plot(x, y, lw=1.0, label=name, drawstyle="default" if field in ("loss", "grad_norm") else "steps-post")
+                steps = field not in ("loss", "grad_norm")          # a state holds until the next record
+                ax.plot(x, y, lw=1.0, label=name, drawstyle="steps-post" if steps else "default")
         mark_epochs(axes, records)
     for ax, field in zip(axes, fields):
         ax.set_ylabel(field)

@@ -58,8 +58,9 @@ def tiny_vit():
                              num_classes=3)
 
 
-def train_logged(tmp_path, log_every, accum, clip_grad=None, global_step=10):
-    """One epoch of 6 micro-batches through engine.train_one_epoch; returns the model and the records written."""
+def train_logged(tmp_path, log_every, accum, clip_grad=None, global_step=10, scaled=False):
+    """One epoch of 6 micro-batches through engine.train_one_epoch (``scaled``: with a loss scaler, as fp16 AMP
+    runs); returns the model and the records written."""
     model = tiny_vit()
     loader = torch.utils.data.DataLoader(Triples(), batch_size=2, shuffle=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -67,8 +68,10 @@ def train_logged(tmp_path, log_every, accum, clip_grad=None, global_step=10):
     os.makedirs(tmp_path, exist_ok=True)
     log.open_files(str(tmp_path), tensorboard=False, iterations=log_every > 0)
     criterion = engine.DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.0, 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaled else None
     engine.train_one_epoch(model, criterion, loader, opt, torch.device("cpu"), 0, 1, log, accum_steps=accum,
-                           clip_grad=clip_grad, log_every=log_every, global_step=global_step, print_freq=100)
+                           scaler=scaler, clip_grad=clip_grad, log_every=log_every, global_step=global_step,
+                           print_freq=100)
     log.close()
     return model, read_iterations(str(tmp_path / ITERATIONS))
 
@@ -95,9 +98,10 @@ def reference_loop(accum, clip_grad):
     return model, losses, norms
 
 
-@pytest.mark.parametrize("accum,clip_grad", [(1, None), (2, None), (2, 0.05)])
-def test_every_record_matches_a_hand_written_loop(tmp_path, accum, clip_grad):
-    model, records = train_logged(tmp_path, 1, accum, clip_grad)
+@pytest.mark.parametrize("accum,clip_grad,scaled", [(1, None, False), (2, None, False), (2, 0.05, False),
+                                                    (1, None, True), (2, 0.05, True)])
+def test_every_record_matches_a_hand_written_loop(tmp_path, accum, clip_grad, scaled):
+    model, records = train_logged(tmp_path, 1, accum, clip_grad, scaled=scaled)
     ref, losses, norms = reference_loop(accum, clip_grad)
     assert [r["iteration"] for r in records] == list(range(10, 16)) and [r["step"] for r in records] == list(range(6))
     for k, rec in enumerate(records):
@@ -105,7 +109,7 @@ def test_every_record_matches_a_hand_written_loop(tmp_path, accum, clip_grad):
         assert rec["loss"] == pytest.approx(losses[k], rel=1e-5)
         assert rec["loss_avg"] == pytest.approx(sum(losses[:k + 1]) / (k + 1), rel=1e-5)
         if k in norms:
-            assert rec["grad_norm"] == pytest.approx(norms[k], rel=1e-4)        # before clipping
+            assert rec["grad_norm"] == pytest.approx(norms[k], rel=1e-4)        # unscaled, before clipping
         else:
             assert rec["grad_norm"] is None                                     # inside an accumulation
     if clip_grad is not None:
@@ -129,6 +133,10 @@ def test_off_adds_nothing_per_iteration_and_on_reads_the_norm_every_n(tmp_path, 
     assert len(calls) == 2                                         # the norm only where a record is written
     for p, q in zip(off.parameters(), on.parameters()):
         assert torch.equal(p, q)                                   # logging changes nothing in training
+    off, _ = train_logged(tmp_path / "off_scaled", 0, 1, scaled=True)
+    on, _ = train_logged(tmp_path / "on_scaled", 1, 1, scaled=True)   # unscaled before step() on logged updates
+    for p, q in zip(off.parameters(), on.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_trim_keeps_one_record_per_iteration_before_the_checkpoint(tmp_path):
