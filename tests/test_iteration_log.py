@@ -208,6 +208,39 @@ def test_records_hold_loss_lr_and_the_published_drop_ratio(reference):
     assert drop == pytest.approx({r["iteration"]: r["pss_drop_ratio"] for r in records})
 
 
+def evit_ratio(g, target, total):
+    """The EViT / Tri-Level keep ratio at global iteration g with no warm-up: a cosine from 1 to ``target`` over
+    ``total`` iterations."""
+    return target + (1 - target) * (math.cos(g / total * math.pi) + 1) * 0.5
+
+
+MORE_METHODS = {   # a run's methods, its extra keys, and each logged iteration's expected state (g: global iteration)
+    "trilevel": (["--methods", "[trilevel]", "--trilevel.example_level", "false", "--trilevel.pruning_loc", "[1]",
+                  "--trilevel.warmup_epochs", "0", "--trilevel.decay_epochs", "2", "--log_every", "2"],
+                 lambda g: {"trilevel_keep_ratio": pytest.approx(evit_ratio(g, 0.7, 2 * ITERS), rel=1e-12),
+                            "trilevel_attn_ratio": pytest.approx(evit_ratio(g, 0.3, 2 * ITERS), rel=1e-12)}),
+    # EfficientTrain at 8 then 16 px (4 then 16 patches), ToE keeping half of them, then all
+    "efficienttrain+toe": (["--methods", "[efficienttrain,toe]", "--efficienttrain.input_sizes", "[8, 16]",
+                            "--efficienttrain.batch_scale", "[1, 1]", "--efficienttrain.rand_magnitudes", "[1, 2]",
+                            "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]",
+                            "--toe.init_keep_rate", "0.25", "--log_every", "3"],
+                           lambda g: {"efficienttrain_phase": 1 + g // ITERS, "toe_stage": 1 + g // ITERS,
+                                      "efficienttrain_input_size": (8, 16)[g // ITERS],
+                                      "toe_kept_tokens": (2, 16)[g // ITERS]}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MORE_METHODS))
+def test_every_method_reports_its_state_per_iteration(tree, tmp_path, name):
+    extra, expected = MORE_METHODS[name]
+    assert entry.main(args(tree, tmp_path, "--tensorboard", "false", *extra)) == 0
+    records = read_iterations(str(tmp_path / ITERATIONS))
+    every = int(extra[-1])
+    assert [r["iteration"] for r in records] == list(range(0, 2 * ITERS, every))
+    for r in records:
+        assert {k: r[k] for k in expected(0)} == expected(r["iteration"]), r["iteration"]
+
+
 def _default_signals():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
