@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 ITERATIONS = "iterations.jsonl"     # the per-iteration log beside log.jsonl (log_every)
-NOT_SCALARS = ("iteration", "step")      # the per-iteration record's position fields (TensorBoard's step already)
+NOT_SCALARS = ("iteration", "epoch", "step")      # a per-iteration record's position (TensorBoard's step already)
 
 
 def format_seconds(s: float) -> str:
@@ -108,10 +108,12 @@ class RunLogger:
                     self.tb.add_scalar(f"iter/{k}", v, record["iteration"])
 
     def sync(self) -> None:
-        """Put the iteration records on disk (before a checkpoint covers them)."""
+        """Put the iteration records on disk, and TensorBoard's, before a checkpoint covers them."""
         if self.iterations:
             self.iterations.flush()
             os.fsync(self.iterations.fileno())
+        if self.tb:
+            self.tb.flush()
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.enabled and self.tb:
