@@ -1,0 +1,244 @@
+"""PSS whole training steps and whole-run schedules against the published code (BradMcDanel/pss), from
+``tests/fixtures/pss_step.pt`` (``PSS_STEP_REFERENCE`` replaces it; ``tests/fixtures/generate_pss.py`` writes it).
+
+Two table configs: ``deit_s_pss.yaml`` (the published DeiT code) and ``vit_b_simmim_ft_pss_magnitude_cyclic_80_0.yaml``
+(the published SimMIM fine-tuning code), each with a tiny model of its family (width 64, 1 block, 32 px, patch 8).
+This project's own factory, config, optimizer builder, scheduler, criterion and mixup, PSS method and engine run 3
+iterations at the fixture's epoch; logits, loss, the kept positions, every gradient and every parameter after the 3
+updates are compared with the published loop's, and the lr and drop ratio of the full-size run at its first, last
+and boundary iterations with the published schedulers'.
+"""
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import main as entry
+from engine import train_one_epoch
+from logger import RunLogger
+from methods import Clock, MethodSet
+from pss import find_sampler
+from tests import steps
+
+IMAGENET_TRAIN = 1281167
+CONFIGS = {"deit": "deit_s_pss.yaml", "simmim": "vit_b_simmim_ft_pss_magnitude_cyclic_80_0.yaml"}
+TINY = "patch_size: 8, embed_dim: 64, depth: 1, num_heads: 2, mlp_ratio: 1"
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return steps.step_reference("pss_step.pt", "PSS_STEP_REFERENCE")
+
+
+def tiny_config(which, *overrides, model_kwargs=""):
+    """The table config with the fixture's tiny model; drop-path off (timm 0.4 and 1.x draw it differently)."""
+    kwargs = "{" + TINY + (", " + model_kwargs if model_kwargs else "") + "}"
+    return steps.table_config(CONFIGS[which], "--model_kwargs", kwargs, "--input_size", "32", "--drop_path", "0",
+                              "--finetune", "", *overrides)
+
+
+def pss_method(methods):
+    return next(m for m in methods if m.name == "pss")
+
+
+class PublishedRatios:
+    """A stand-in for the PSS schedule that answers the published loop's drop ratio of each global iteration."""
+
+    def __init__(self, first_step, ratios):
+        self.first_step, self.ratios = first_step, list(ratios)
+
+    def drop_ratio(self, step):
+        return self.ratios[step - self.first_step]
+
+
+def run_steps(cfg, fixture, which, published_ratios=False):
+    """3 iterations of this project's engine from the fixture's initial weights at the fixture's epoch; what the
+    published loop recorded, recorded the same way (hooks that only read)."""
+    s = fixture[which]["steps"]
+    epoch, per_epoch = s["epoch"], s["iterations_per_epoch"]
+    init = {k: v.float() if v.is_floating_point() else v for k, v in s["init"].items()}
+    model = steps.table_model(cfg, s["num_classes"], init)
+    methods = MethodSet.from_config(cfg)
+    methods.attach([model])
+    methods.on_epoch(Clock(epoch, 0, epoch * per_epoch, per_epoch, cfg.epochs))
+    if published_ratios:
+        pss_method(methods).schedule = PublishedRatios(epoch * per_epoch, s["drop_ratio"])
+    lr = entry.scaled_lr(cfg, cfg.nproc)
+    optimizer = entry.create_optimizer(cfg, model, lr)
+    scheduler = entry.build_scheduler(cfg, optimizer, per_epoch)
+    scheduler.step(entry.lr_epoch(cfg, epoch))
+    set_lr = entry.lr_setter(types.SimpleNamespace(cfg=cfg, scheduler=scheduler, updates_per_epoch=per_epoch), epoch)
+    criterion, mixup_fn = entry.build_criterion(cfg, s["num_classes"], torch.device("cpu"))
+
+    out = {"logits": [], "loss": [], "positions": [], "drop_ratio": [], "grads": [], "lrs": []}
+    sampler = find_sampler(model)
+    model.register_forward_pre_hook(lambda m, a: out["drop_ratio"].append(sampler.drop_ratio))
+
+    def read_output(module, args, logits):
+        out["logits"].append(logits.detach().clone())
+        out["positions"].append(sampler.kept_index)
+    model.register_forward_hook(read_output)
+    criterion.register_forward_hook(lambda m, a, o: out["loss"].append(o.detach().clone()))
+    step = optimizer.step
+
+    def recorded_step(*args, **kwargs):
+        out["grads"].append(steps.gradients(model))
+        names = {id(p): n for n, p in model.named_parameters()}
+        out["lrs"].append({names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]})
+        return step(*args, **kwargs)
+    optimizer.step = recorded_step
+
+    images, labels = fixture["images"].float(), fixture["labels"]
+    data = torch.utils.data.TensorDataset(images, labels, torch.arange(len(labels)))
+    loader = torch.utils.data.DataLoader(data, batch_size=s["batch_size"])
+    np.random.seed(s["mixup_seed"])                   # the published mixup draws (all mixup, no cutmix)
+    train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch, cfg.epochs,
+                    RunLogger(enabled=False), mixup_fn=mixup_fn, clip_grad=cfg.clip_grad, methods=methods,
+                    global_step=epoch * per_epoch, iters_per_epoch=per_epoch, set_lr=set_lr)
+    out["params"] = steps.parameters(model, s["params"])
+    out["groups"] = steps.parameter_groups(cfg, model, lr)
+    out["lr"] = lr
+    out["model"] = model
+    return out
+
+
+def assert_steps(ours, s):
+    """Everything the published loop recorded, within 1e-5 (relative) where it is arithmetic, exactly where it is
+    a count, a ratio or a position."""
+    steps.assert_groups(ours["groups"], s["groups"])
+    assert ours["lr"] == pytest.approx(s["lr"], rel=1e-12)
+    assert ours["drop_ratio"] == s["drop_ratio"]
+    for i, (mine, theirs) in enumerate(zip(ours["positions"], s["positions"])):
+        assert mine is not None and torch.equal(mine, theirs), f"kept positions of iteration {i}"
+    steps.assert_close(torch.stack(ours["logits"]), s["logits"], what="logits")
+    steps.assert_close(torch.stack(ours["loss"]), s["loss"], what="loss")
+    steps.assert_all_close(ours["grads"][0], s["grads"], what="gradients of the first update")
+    steps.assert_all_close(ours["params"], s["params"], what="parameters after 3 updates")
+    assert len(ours["lrs"]) == len(s["step_lrs"]) == 3
+    for i, (mine, theirs) in enumerate(zip(ours["lrs"], s["step_lrs"])):        # every parameter's lr per update
+        assert set(mine) == set(theirs)
+        for name, want in theirs.items():
+            assert mine[name] == pytest.approx(want, rel=1e-12), (i, name, mine[name], want)
+
+
+# ------------------------------------------------------------------------------------------------ DeiT
+def test_deit_steps_are_the_published_ones(fixture):
+    assert_steps(run_steps(tiny_config("deit"), fixture, "deit"), fixture["deit"]["steps"])
+
+
+def test_deit_run_lr_and_drop_ratio_are_the_published_ones(fixture):
+    ref = fixture["deit"]["run"]
+    cfg = tiny_config("deit")
+    assert entry.updates_per_epoch(cfg, IMAGENET_TRAIN, cfg.nproc) == ref["updates_per_epoch"] == 1251
+    assert cfg.epochs == ref["epochs"]
+    assert deit_epoch_lrs(cfg) == pytest.approx(ref["epoch_lrs"].tolist(), rel=1e-12)
+    assert drop_ratios(cfg, ref) == ref["drop_ratio"].tolist()
+
+
+def deit_epoch_lrs(cfg):
+    """The lr every epoch trains at, as ``main.train`` steps the scheduler (per epoch)."""
+    model = steps.table_model(cfg, 10)
+    optimizer = entry.create_optimizer(cfg, model, entry.scaled_lr(cfg, cfg.nproc))
+    scheduler = entry.build_scheduler(cfg, optimizer, 1251)
+    out = []
+    for e in range(cfg.epochs):
+        scheduler.step(entry.lr_epoch(cfg, e))
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def drop_ratios(cfg, ref):
+    """The drop ratio this project's PSS method sets before each of the run's recorded iterations."""
+    method = pss_method(MethodSet.from_config(cfg))
+    per_epoch = ref["updates_per_epoch"]
+    method.on_epoch(Clock(0, 0, 0, per_epoch, cfg.epochs))
+    out = []
+    for g in ref["iterations"].tolist():
+        method.on_step(Clock(g // per_epoch, g % per_epoch, g, per_epoch, cfg.epochs))
+        out.append(method.drop_ratio)
+    return out
+
+
+def test_deit_random_sampling_draws_the_published_patches(fixture):
+    """Random sampling from the same generator state: the published ``argsort(torch.rand)`` order, and the logits."""
+    ref = fixture["deit"]["random"]
+    s = fixture["deit"]["steps"]
+    cfg = tiny_config("deit", "--pss.sampler", "random")
+    init = {k: v.float() if v.is_floating_point() else v for k, v in s["init"].items()}
+    model = steps.table_model(cfg, s["num_classes"], init).train()
+    sampler = find_sampler(model)
+    sampler.set_drop_ratio(ref["drop_ratio"])
+    torch.manual_seed(ref["seed"])
+    logits = model(fixture["images"][: s["batch_size"]].float())
+    assert torch.equal(sampler.kept_index, ref["positions"])
+    steps.assert_close(logits, ref["logits"], what="logits")
+
+
+def test_deit_exempting_the_bias_tables_breaks_the_published_groups(fixture):
+    cfg = tiny_config("deit", model_kwargs="rel_pos_bias_decay: false")
+    model = steps.table_model(cfg, 10)
+    with pytest.raises(AssertionError):
+        steps.assert_groups(steps.parameter_groups(cfg, model, 1.0), fixture["deit"]["steps"]["groups"])
+
+
+def test_deit_timm_scheduler_stepping_breaks_the_published_lr(fixture):
+    cfg = tiny_config("deit", "--sched_step", "timm")
+    with pytest.raises(AssertionError):
+        assert deit_epoch_lrs(cfg) == pytest.approx(fixture["deit"]["run"]["epoch_lrs"].tolist(), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ SimMIM
+def test_simmim_steps_are_the_published_ones_at_the_published_drop_ratios(fixture):
+    """The published SimMIM loop sets the drop ratio after each update (see the xfail below), so this run is given
+    the published ratios of its 3 iterations; everything else is this project's."""
+    ours = run_steps(tiny_config("simmim"), fixture, "simmim", published_ratios=True)
+    assert_steps(ours, fixture["simmim"]["steps"])
+
+
+def simmim_run_lrs(cfg, ref):
+    """Every parameter's lr at the run's recorded updates, as the engine's ``lr_setter`` sets them."""
+    model = steps.table_model(cfg, 10)
+    optimizer = entry.create_optimizer(cfg, model, entry.scaled_lr(cfg, cfg.nproc))
+    per_epoch = ref["updates_per_epoch"]
+    scheduler = entry.build_scheduler(cfg, optimizer, per_epoch)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in ref["iterations"].tolist():
+        scheduler.step_update(entry.lr_update(cfg, g // per_epoch, g % per_epoch, per_epoch))
+        out.append({names[id(p)]: grp["lr"] for grp in optimizer.param_groups for p in grp["params"]})
+    return out
+
+
+def assert_simmim_run_lrs(cfg, fixture):
+    ref = fixture["simmim"]["run"]
+    groups = fixture["simmim"]["steps"]["groups"]
+    column = {n: ref["lr_scales"].index(g["lr_scale"]) for n, g in groups.items()}
+    ours = simmim_run_lrs(cfg, ref)
+    for row, (g, mine) in enumerate(zip(ref["iterations"].tolist(), ours)):
+        for name, col in column.items():
+            want = ref["lrs"][row, col].item()
+            assert mine[name] == pytest.approx(want, rel=1e-12), (g, name, mine[name], want)
+
+
+def test_simmim_run_lr_is_the_published_one(fixture):
+    cfg = tiny_config("simmim")
+    ref = fixture["simmim"]["run"]
+    assert entry.updates_per_epoch(cfg, IMAGENET_TRAIN, cfg.nproc) == ref["updates_per_epoch"] == 2502
+    assert cfg.epochs == ref["epochs"]
+    assert_simmim_run_lrs(cfg, fixture)
+
+
+def test_simmim_scaled_layer_bounds_break_the_published_lr(fixture):
+    cfg = tiny_config("simmim", "--layer_decay_bounds", "scaled")
+    with pytest.raises(AssertionError):
+        assert_simmim_run_lrs(cfg, fixture)
+
+
+@pytest.mark.xfail(strict=True, reason="the published SimMIM loop sets the drop ratio AFTER each update "
+                   "(main_finetune.train_one_epoch: set_patch_drop_ratio(get_patch_drop_ratio()); step()), so update "
+                   "g trains at the schedule's ratio of g - 1 and update 0 on all patches; this project sets the "
+                   "ratio of g before update g, as the DeiT loop does")
+def test_simmim_run_drop_ratio_is_the_published_one(fixture):
+    ref = fixture["simmim"]["run"]
+    assert drop_ratios(tiny_config("simmim"), ref) == ref["drop_ratio"].tolist()
