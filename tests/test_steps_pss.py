@@ -22,7 +22,9 @@ from pss import find_sampler
 from tests import steps
 
 IMAGENET_TRAIN = 1281167
-CONFIGS = {"deit": "deit_s_pss.yaml", "simmim": "vit_b_simmim_ft_pss_magnitude_cyclic_80_0.yaml"}
+CONFIGS = {"deit": "deit_s_pss.yaml", "simmim": "vit_b_simmim_ft_pss_magnitude_cyclic_80_0.yaml",
+           "simmim_random": "vit_b_simmim_ft_pss_random_cyclic_80_0.yaml"}
+SIMMIM_RUNS = {"simmim": "run", "simmim_random": "random_run"}      # table config -> its whole run in the fixture
 TINY = "patch_size: 8, embed_dim: 64, depth: 1, num_heads: 2, mlp_ratio: 1"
 
 
@@ -160,11 +162,13 @@ def drop_ratios(cfg, ref):
     return out
 
 
-def test_deit_random_sampling_draws_the_published_patches(fixture):
-    """Random sampling from the same generator state: the published ``argsort(torch.rand)`` order, and the logits."""
-    ref = fixture["deit"]["random"]
-    s = fixture["deit"]["steps"]
-    cfg = tiny_config("deit", "--pss.sampler", "random")
+@pytest.mark.parametrize("which", ["deit", "simmim"])
+def test_random_sampling_draws_the_published_patches(fixture, which):
+    """Random sampling from the same generator state: the published ``argsort(torch.rand)`` order, and the logits
+    (each published model has its own copy of the sampling code)."""
+    ref = fixture[which]["random"]
+    s = fixture[which]["steps"]
+    cfg = tiny_config(which, "--pss.sampler", "random")
     init = {k: v.float() if v.is_floating_point() else v for k, v in s["init"].items()}
     model = steps.table_model(cfg, s["num_classes"], init).train()
     sampler = find_sampler(model)
@@ -210,8 +214,8 @@ def simmim_run_lrs(cfg, ref):
     return out
 
 
-def assert_simmim_run_lrs(cfg, fixture):
-    ref = fixture["simmim"]["run"]
+def assert_simmim_run_lrs(cfg, fixture, run="run"):
+    ref = fixture["simmim"][run]
     groups = fixture["simmim"]["steps"]["groups"]
     column = {n: ref["lr_scales"].index(g["lr_scale"]) for n, g in groups.items()}
     ours = simmim_run_lrs(cfg, ref)
@@ -221,12 +225,14 @@ def assert_simmim_run_lrs(cfg, fixture):
             assert mine[name] == pytest.approx(want, rel=1e-12), (g, name, mine[name], want)
 
 
-def test_simmim_run_lr_is_the_published_one(fixture):
-    cfg = tiny_config("simmim")
-    ref = fixture["simmim"]["run"]
+@pytest.mark.parametrize("table", sorted(SIMMIM_RUNS))
+def test_simmim_run_lr_is_the_published_one(fixture, table):
+    cfg = tiny_config(table)
+    ref = fixture["simmim"][SIMMIM_RUNS[table]]
+    assert cfg.pss.sampler == ref["sampler"]
     assert entry.updates_per_epoch(cfg, IMAGENET_TRAIN, cfg.nproc) == ref["updates_per_epoch"] == 2502
     assert cfg.epochs == ref["epochs"]
-    assert_simmim_run_lrs(cfg, fixture)
+    assert_simmim_run_lrs(cfg, fixture, SIMMIM_RUNS[table])
 
 
 def test_simmim_scaled_layer_bounds_break_the_published_lr(fixture):
@@ -239,6 +245,7 @@ def test_simmim_scaled_layer_bounds_break_the_published_lr(fixture):
                    "(main_finetune.train_one_epoch: set_patch_drop_ratio(get_patch_drop_ratio()); step()), so update "
                    "g trains at the schedule's ratio of g - 1 and update 0 on all patches; this project sets the "
                    "ratio of g before update g, as the DeiT loop does")
-def test_simmim_run_drop_ratio_is_the_published_one(fixture):
-    ref = fixture["simmim"]["run"]
-    assert drop_ratios(tiny_config("simmim"), ref) == ref["drop_ratio"].tolist()
+@pytest.mark.parametrize("table", sorted(SIMMIM_RUNS))
+def test_simmim_run_drop_ratio_is_the_published_one(fixture, table):
+    ref = fixture["simmim"][SIMMIM_RUNS[table]]
+    assert drop_ratios(tiny_config(table), ref) == ref["drop_ratio"].tolist()
