@@ -188,9 +188,10 @@ def _load_weights_only(path: str) -> Tuple[Any, List[str]]:
     class is let through, for this load only. Any other unknown class (found in the refusal) is read as an
     ``OrderedDict`` of its items and attributes (``copyreg``'s protocol-2 form: a new empty object, its items, its
     ``__dict__``); nothing of that class runs. A file whose unknown global is a function, or whose object does not
-    fit that form, is still refused. Returns the checkpoint and the classes read as plain data."""
+    fit that form (it is rebuilt from constructor arguments), is still refused, with the first refusal. Returns the checkpoint and the classes read as plain data."""
     allowed: list = [argparse.Namespace]
     opaque: List[str] = []
+    refusal: Optional[Exception] = None          # the first refusal: what is raised if standing in does not work
     while True:
         try:
             with torch.serialization.safe_globals(allowed):
@@ -199,7 +200,8 @@ def _load_weights_only(path: str) -> Tuple[Any, List[str]]:
         except Exception as e:  # noqa: BLE001
             m = _UNSUPPORTED.search(str(e))
             if m is None or m.group(1) in opaque or len(opaque) >= _MAX_OPAQUE_CLASSES or _is_callable_global(m.group(1)):
-                raise
+                raise (refusal or e) from None
+            refusal = refusal or e
             opaque.append(m.group(1))
             allowed.append((OrderedDict, m.group(1)))
     if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
@@ -227,7 +229,7 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
         ckpt, opaque = _load_weights_only(path)
     except Exception as e:  # noqa: BLE001 -- a truncated, foreign or unsafe file
         unsafe = [line.strip() for line in str(e).splitlines()
-                  if line.lower().startswith(("unsupported", "trying to", "can only"))]
+                  if any(w in line.lower() for w in ("unsupported global", "trying to load", "trying to call", "can only"))]
         if unsafe:
             reason = unsafe[0].split(". ")[0].replace("WeightsUnpickler error: ", "")
             raise CheckpointError(f"{what}: {path} was refused because loading it would run pickled code ({reason}); "

@@ -317,3 +317,15 @@ def test_a_schedule_that_reaches_zero_patches_is_refused_before_anything_is_writ
     lines = [line for line in proc.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "pss.start_drop_ratio" in lines[0] and "4" in lines[0]
     assert not out.exists()
+
+
+def test_a_pickled_call_beside_fine_tensors_is_still_refused_and_never_run(tmp_path):
+    import checkpoint as ckpt_io
+    marker = tmp_path / "ran"
+    path = tmp_path / "call.pth"
+    script = (f"import os, torch\nclass Call:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
+              f"torch.save({{'model': {{'w': torch.ones(2)}}, 'config': Call()}}, {str(path)!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    with pytest.raises(ckpt_io.CheckpointError, match="would run pickled code"):
+        ckpt_io.load_checkpoint(str(path), "finetune")
+    assert not marker.exists()
