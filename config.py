@@ -28,7 +28,7 @@ import yaml
 
 from checkpoint import first_line
 from methods import MethodError, method_class, registry
-from token_labels import BOX_ORDERS, RAND_AUGMENTS
+from token_labels import BOX_ORDERS, RAND_AUGMENTS, SMOOTHING_FORMS
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,7 @@ class TokenLabelConfig:
     cls_target: str = "label_map"              # label_map | ground_truth | corrected
     box_order: str = "fixed"                   # fixed | published: the published code's crop box with x and y swapped
     rand_augment: str = "photometric"          # photometric (after the crop, image only) | published (LV-ViT's: all ops on image and label map before the crop) | aligned
+    smoothing_form: str = "normalized"         # normalized (smoothed targets sum to 1) | published (the published on/off values: they sum to 1 + smoothing / K)
 
 
 @dataclass
@@ -183,6 +184,7 @@ CHOICES = {
     "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
     "token_label.box_order": BOX_ORDERS,
     "token_label.rand_augment": RAND_AUGMENTS,
+    "token_label.smoothing_form": SMOOTHING_FORMS,
     "sched_step": ("timm", "published", "iteration", "swin"),
     "repeated_aug_single": ("always", "published"),
     "epoch_updates": ("loader", "images"),

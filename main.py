@@ -426,7 +426,7 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
         from token_labels import TokenLabelCriterion
         tl = cfg.token_label
         return TokenLabelCriterion(nb_classes, tl.size, cfg.smoothing, tl.cls_weight, tl.dense_weight, tl.cls_target,
-                                   box_order=tl.box_order), None
+                                   box_order=tl.box_order, smoothing_form=tl.smoothing_form), None
     teacher = None
     if cfg.distillation_type != "none":
         import timm

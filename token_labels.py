@@ -34,6 +34,9 @@ them are wired in ``config.py`` / ``datasets.py`` / ``main.py``; the published b
   to the label map alike (nearest sampling on the label grid, with the published code's cell-index geometry, or
   ``"aligned"`` with the image's exactly). The default keeps only RandAugment's photometric ops.
 
+* ``smoothing_form`` (:func:`smooth`): the published code smooths the soft targets with its one-hot on/off values,
+  so they sum to ``1 + smoothing / K``; ``"published"`` reproduces that, ``"normalized"`` (default) keeps the sum at 1.
+
 Loss. :class:`TokenLabelLoss` is ``cls_weight * CE(cls, cls_target) + dense_weight * CE(aux, dense_targets)`` with
 MixToken's area mixing of the class target. Every data problem stops with a :class:`TokenLabelError` naming the image.
 """
@@ -59,6 +62,8 @@ BOX_ORDERS = ("published", "fixed")                # published: x and y of the c
 # published: RandAugment's geometric ops on the image and (with the published label geometry) the label map, before
 # the crop; aligned: the same with the label map moved exactly as the image; photometric: no geometric op
 RAND_AUGMENTS = ("published", "aligned", "photometric")
+# normalized: smoothed targets sum to 1; published: the published code's on/off values on soft targets (sum 1 + s/K)
+SMOOTHING_FORMS = ("normalized", "published")
 GEOMETRIC_RAND_OPS = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
 
 
@@ -331,12 +336,17 @@ def crop_label_map(label_map: torch.Tensor, boxes: torch.Tensor, size: Tuple[int
     return roi_align(label_map, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=False)
 
 
-def smooth(target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Label smoothing of a soft target over its last dim (the published code adds ``smoothing / K`` on top of
-    ``(1 - smoothing + smoothing / K) * target``; this version keeps the target summing to one)."""
+def smooth(target: torch.Tensor, smoothing: float, form: str = "normalized") -> torch.Tensor:
+    """Label smoothing of a soft target over its last dim (``K`` classes). ``normalized`` (default):
+    ``(1 - smoothing) * target + smoothing / K``, summing to one. ``published``: the published code's
+    ``(1 - smoothing + smoothing / K) * target + smoothing / K`` (its one-hot on/off values applied to a soft target),
+    summing to ``1 + smoothing / K``."""
+    if form not in SMOOTHING_FORMS:
+        raise ValueError(f"token_label.smoothing_form '{form}' is not one of {', '.join(SMOOTHING_FORMS)}")
     if smoothing <= 0:
         return target
-    return target * (1.0 - smoothing) + smoothing / target.shape[-1]
+    off = smoothing / target.shape[-1]
+    return target * (1.0 - smoothing + (off if form == "published" else 0.0)) + off
 
 
 def published_box(crop: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -359,13 +369,14 @@ def published_box(crop: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 
 def token_label_targets(label: Dict[str, torch.Tensor], num_classes: int, size: Union[int, Tuple[int, int]],
                         smoothing: float = 0.0, class_target: Optional[torch.Tensor] = None,
-                        cls_source: str = "label_map", box_order: str = "fixed") -> TokenTargets:
+                        cls_source: str = "label_map", box_order: str = "fixed",
+                        smoothing_form: str = "normalized") -> TokenTargets:
     """Targets of a collated batch of :class:`TokenLabelDataset` labels (already on the training device).
 
     dense: RoIAlign of the crop box to the token grid ``size``, flipped where the image was, softmax over classes.
     cls: ``label_map`` (published default) the softmax of the crop's 1x1 RoIAlign; ``ground_truth`` the one-hot
     ``class_target``; ``corrected`` the published ``--ground-truth`` blend (0.5 label map + 0.5 one-hot when their
-    top classes agree, 0.9 + 0.1 when they do not). Both get ``smoothing``.
+    top classes agree, 0.9 + 0.1 when they do not). Both get ``smoothing`` (in ``smoothing_form``, :func:`smooth`).
     box_order: ``fixed`` (default) crops the label map with the image's crop box and flips the crop; ``published``
     flips the map first and crops it with the published code's box and arithmetic, x and y swapped
     (:func:`published_box`, from ``label["crop"]``), for the dense and the class targets alike.
@@ -403,7 +414,7 @@ def token_label_targets(label: Dict[str, torch.Tensor], num_classes: int, size: 
             agree = (one_hot.argmax(1) == cls.argmax(1)).float().unsqueeze(1)
             ratio = 0.9 - 0.4 * agree
             cls = cls * ratio + one_hot * (1 - ratio)
-    return TokenTargets(smooth(cls, smoothing), smooth(dense, smoothing))
+    return TokenTargets(smooth(cls, smoothing, smoothing_form), smooth(dense, smoothing, smoothing_form))
 
 
 # ============================================================================================ dataset
@@ -748,7 +759,7 @@ class TokenLabelCriterion(nn.Module):
 
     def __init__(self, num_classes: int, size: Union[int, Tuple[int, int]], smoothing: float = 0.0,
                  cls_weight: float = 1.0, dense_weight: float = 1.0, cls_source: str = "label_map",
-                 box_order: str = "fixed"):
+                 box_order: str = "fixed", smoothing_form: str = "normalized"):
         super().__init__()
         if cls_source not in CLS_SOURCES:
             raise ValueError(f"token_label.cls_target '{cls_source}' is not one of {', '.join(CLS_SOURCES)}")
@@ -756,10 +767,13 @@ class TokenLabelCriterion(nn.Module):
             raise ValueError(f"token_label.box_order '{box_order}' is not one of {', '.join(BOX_ORDERS)}")
         self.num_classes, self.size, self.smoothing, self.cls_source = num_classes, size, smoothing, cls_source
         self.box_order = box_order          # published: the published code's swapped crop box (token_label_targets)
+        if smoothing_form not in SMOOTHING_FORMS:
+            raise ValueError(f"token_label.smoothing_form '{smoothing_form}' is not one of {', '.join(SMOOTHING_FORMS)}")
+        self.smoothing_form = smoothing_form    # published: targets sum to 1 + smoothing / K (smooth)
         self.loss = TokenLabelLoss(cls_weight, dense_weight)
 
     def forward(self, inputs: torch.Tensor, outputs, targets) -> torch.Tensor:
         class_target, label = targets
         t = token_label_targets(label, self.num_classes, self.size, self.smoothing, class_target, self.cls_source,
-                                self.box_order)
+                                self.box_order, self.smoothing_form)
         return self.loss(outputs, t)

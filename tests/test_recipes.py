@@ -115,10 +115,13 @@ def test_repeated_aug_single_published_samples_plainly_on_one_process(digits):
 def test_token_label_options_reach_the_criterion():
     cfg = load_config(os.path.join(CONFIGS, "lvvit_t.yaml"))
     assert (cfg.token_label.box_order, cfg.token_label.rand_augment) == ("published", "published")
+    assert cfg.token_label.smoothing_form == "published"
     criterion, _ = entry.build_criterion(cfg, 1000, torch.device("cpu"))
-    assert criterion.box_order == "published"
+    assert (criterion.box_order, criterion.smoothing_form) == ("published", "published")
     with pytest.raises(ConfigError, match="token_label.rand_augment: 'geometric' is not one of"):
         load_config(os.path.join(CONFIGS, "lvvit_t.yaml"), ["--token_label.rand_augment", "geometric"])
+    with pytest.raises(ConfigError, match="token_label.smoothing_form: 'sum' is not one of"):
+        load_config(os.path.join(CONFIGS, "lvvit_t.yaml"), ["--token_label.smoothing_form", "sum"])
 
 
 def test_cooldown_sched_step_compute_time_and_nproc_end_to_end(digits, tmp_path, capsys):
