@@ -124,6 +124,55 @@ def assert_steps(ours, s):
             assert mine[name] == pytest.approx(want, rel=1e-12), (i, name, mine[name], want)
 
 
+# ------------------------------------------------------------------------------------------------ whole runs
+def run_lrs(cfg, per_epoch, iterations):
+    """Every parameter's lr at the given global updates of the full-size run, set as ``main.train`` sets it: per
+    update through ``main.lr_update`` (``sched_step: iteration | swin``), else per epoch through ``main.lr_epoch``."""
+    model = steps.table_model(cfg, 10)
+    optimizer = entry.create_optimizer(cfg, model, entry.scaled_lr(cfg, cfg.nproc))
+    scheduler = entry.build_scheduler(cfg, optimizer, per_epoch)
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for g in iterations:
+        epoch, k = divmod(g, per_epoch)
+        if cfg.sched_step in entry.PER_UPDATE:
+            scheduler.step_update(entry.lr_update(cfg, epoch, k, per_epoch))
+        else:
+            scheduler.step(entry.lr_epoch(cfg, epoch))
+        out.append({names[id(p)]: grp["lr"] for grp in optimizer.param_groups for p in grp["params"]})
+    return out
+
+
+def drop_ratios(cfg, per_epoch, iterations):
+    """The drop ratio this project's PSS method sets before each of the given global iterations."""
+    method = pss_method(MethodSet.from_config(cfg))
+    method.on_epoch(Clock(0, 0, 0, per_epoch, cfg.epochs))
+    out = []
+    for g in iterations:
+        method.on_step(Clock(g // per_epoch, g % per_epoch, g, per_epoch, cfg.epochs))
+        out.append(method.drop_ratio)
+    return out
+
+
+def assert_deit_run_lrs(cfg, ref):
+    """The lr of every epoch (DeiT steps it per epoch: one value for all groups), at each epoch's first update."""
+    per_epoch = ref["updates_per_epoch"]
+    ours = run_lrs(cfg, per_epoch, [e * per_epoch for e in range(cfg.epochs)])
+    for e, (mine, want) in enumerate(zip(ours, ref["epoch_lrs"].tolist())):
+        assert all(v == pytest.approx(want, rel=1e-12) for v in mine.values()), (e, sorted(set(mine.values())), want)
+
+
+def assert_simmim_run_lrs(cfg, fixture, run="run"):
+    """Every parameter's lr at the recorded updates (the published groups' columns, by the parameter's scale)."""
+    ref = fixture["simmim"][run]
+    column = {n: ref["lr_scales"].index(g["lr_scale"]) for n, g in fixture["simmim"]["steps"]["groups"].items()}
+    ours = run_lrs(cfg, ref["updates_per_epoch"], ref["iterations"].tolist())
+    for row, (g, mine) in enumerate(zip(ref["iterations"].tolist(), ours)):
+        for name, col in column.items():
+            want = ref["lrs"][row, col].item()
+            assert mine[name] == pytest.approx(want, rel=1e-12), (g, name, mine[name], want)
+
+
 # ------------------------------------------------------------------------------------------------ DeiT
 def test_deit_steps_are_the_published_ones(fixture):
     assert_steps(run_steps(tiny_config("deit"), fixture, "deit"), fixture["deit"]["steps"])
@@ -133,35 +182,57 @@ def test_deit_run_lr_and_drop_ratio_are_the_published_ones(fixture):
     ref = fixture["deit"]["run"]
     cfg = tiny_config("deit")
     assert entry.updates_per_epoch(cfg, IMAGENET_TRAIN, cfg.nproc) == ref["updates_per_epoch"] == 1251
+    assert cfg.epochs == ref["epochs"] and cfg.pss.cooldown_epochs == fixture["deit"]["table"]["cooldown_epochs"]
+    assert_deit_run_lrs(cfg, ref)
+    assert drop_ratios(cfg, ref["updates_per_epoch"], ref["iterations"].tolist()) == ref["drop_ratio"].tolist()
+
+
+def test_deit_timm_scheduler_stepping_breaks_the_published_lr(fixture):
+    with pytest.raises(AssertionError):
+        assert_deit_run_lrs(tiny_config("deit", "--sched_step", "timm"), fixture["deit"]["run"])
+
+
+# ------------------------------------------------------------------------------------------------ SimMIM
+def test_simmim_steps_are_the_published_ones_at_the_published_drop_ratios(fixture):
+    """The published SimMIM loop sets the drop ratio after each update, this project before it (kept on purpose,
+    docs/fidelity.md; pinned below), so this run is handed the published ratio of each of its 3 iterations;
+    everything else is this project's."""
+    ours = run_steps(tiny_config("simmim"), fixture, "simmim", published_ratios=True)
+    assert_steps(ours, fixture["simmim"]["steps"])
+
+
+@pytest.mark.parametrize("table", sorted(SIMMIM_RUNS))
+def test_simmim_run_lr_is_the_published_one(fixture, table):
+    cfg = tiny_config(table)
+    ref = fixture["simmim"][SIMMIM_RUNS[table]]
+    assert cfg.pss.sampler == ref["sampler"]
+    assert entry.updates_per_epoch(cfg, IMAGENET_TRAIN, cfg.nproc) == ref["updates_per_epoch"] == 2502
     assert cfg.epochs == ref["epochs"]
-    assert deit_epoch_lrs(cfg) == pytest.approx(ref["epoch_lrs"].tolist(), rel=1e-12)
-    assert drop_ratios(cfg, ref) == ref["drop_ratio"].tolist()
+    assert_simmim_run_lrs(cfg, fixture, SIMMIM_RUNS[table])
 
 
-def deit_epoch_lrs(cfg):
-    """The lr every epoch trains at, as ``main.train`` steps the scheduler (per epoch)."""
-    model = steps.table_model(cfg, 10)
-    optimizer = entry.create_optimizer(cfg, model, entry.scaled_lr(cfg, cfg.nproc))
-    scheduler = entry.build_scheduler(cfg, optimizer, 1251)
-    out = []
-    for e in range(cfg.epochs):
-        scheduler.step(entry.lr_epoch(cfg, e))
-        out.append(optimizer.param_groups[0]["lr"])
-    return out
+@pytest.mark.parametrize("flip", [("--layer_decay_bounds", "scaled"), ("--sched_step", "iteration"),
+                                  ("--sched_step", "timm")])
+def test_simmim_lr_options_break_the_published_lr(fixture, flip):
+    with pytest.raises(AssertionError):
+        assert_simmim_run_lrs(tiny_config("simmim", *flip), fixture)
 
 
-def drop_ratios(cfg, ref):
-    """The drop ratio this project's PSS method sets before each of the run's recorded iterations."""
-    method = pss_method(MethodSet.from_config(cfg))
-    per_epoch = ref["updates_per_epoch"]
-    method.on_epoch(Clock(0, 0, 0, per_epoch, cfg.epochs))
-    out = []
-    for g in ref["iterations"].tolist():
-        method.on_step(Clock(g // per_epoch, g % per_epoch, g, per_epoch, cfg.epochs))
-        out.append(method.drop_ratio)
-    return out
+@pytest.mark.parametrize("table", sorted(SIMMIM_RUNS))
+def test_simmim_drop_ratio_is_the_published_one_update_later(fixture, table):
+    """The documented difference, pinned: the published loop sets the ratio after each update (``set_patch_drop_ratio
+    (get_patch_drop_ratio()); step()``), so update g trains at the schedule's ratio of g - 1 and update 0 on all
+    patches; this project sets the ratio of g before update g. Over the 250,200 updates of the run the two differ at
+    801 (one 0.2 level each); the mean keep rate is 0.644285 here and 0.644288 published."""
+    ref = fixture["simmim"][SIMMIM_RUNS[table]]
+    cfg = tiny_config(table)
+    its, want = ref["iterations"].tolist(), ref["drop_ratio"].tolist()
+    assert its[0] == 0 and want[0] == 0.0
+    assert drop_ratios(cfg, ref["updates_per_epoch"], [g - 1 for g in its[1:]]) == want[1:]
+    assert drop_ratios(cfg, ref["updates_per_epoch"], its) != want
 
 
+# ------------------------------------------------------------------------------------------------ both
 @pytest.mark.parametrize("which", ["deit", "simmim"])
 def test_random_sampling_draws_the_published_patches(fixture, which):
     """Random sampling from the same generator state: the published ``argsort(torch.rand)`` order, and the logits
@@ -179,73 +250,10 @@ def test_random_sampling_draws_the_published_patches(fixture, which):
     steps.assert_close(logits, ref["logits"], what="logits")
 
 
-def test_deit_exempting_the_bias_tables_breaks_the_published_groups(fixture):
-    cfg = tiny_config("deit", model_kwargs="rel_pos_bias_decay: false")
+@pytest.mark.parametrize("which", ["deit", "simmim"])
+def test_exempting_the_bias_tables_breaks_the_published_groups(fixture, which):
+    cfg = tiny_config(which, model_kwargs="rel_pos_bias_decay: false")
     model = steps.table_model(cfg, 10)
+    groups = fixture[which]["steps"]["groups"]
     with pytest.raises(AssertionError):
-        steps.assert_groups(steps.parameter_groups(cfg, model, 1.0), fixture["deit"]["steps"]["groups"])
-
-
-def test_deit_timm_scheduler_stepping_breaks_the_published_lr(fixture):
-    cfg = tiny_config("deit", "--sched_step", "timm")
-    with pytest.raises(AssertionError):
-        assert deit_epoch_lrs(cfg) == pytest.approx(fixture["deit"]["run"]["epoch_lrs"].tolist(), rel=1e-12)
-
-
-# ------------------------------------------------------------------------------------------------ SimMIM
-def test_simmim_steps_are_the_published_ones_at_the_published_drop_ratios(fixture):
-    """The published SimMIM loop sets the drop ratio after each update (see the xfail below), so this run is given
-    the published ratios of its 3 iterations; everything else is this project's."""
-    ours = run_steps(tiny_config("simmim"), fixture, "simmim", published_ratios=True)
-    assert_steps(ours, fixture["simmim"]["steps"])
-
-
-def simmim_run_lrs(cfg, ref):
-    """Every parameter's lr at the run's recorded updates, as the engine's ``lr_setter`` sets them."""
-    model = steps.table_model(cfg, 10)
-    optimizer = entry.create_optimizer(cfg, model, entry.scaled_lr(cfg, cfg.nproc))
-    per_epoch = ref["updates_per_epoch"]
-    scheduler = entry.build_scheduler(cfg, optimizer, per_epoch)
-    names = {id(p): n for n, p in model.named_parameters()}
-    out = []
-    for g in ref["iterations"].tolist():
-        scheduler.step_update(entry.lr_update(cfg, g // per_epoch, g % per_epoch, per_epoch))
-        out.append({names[id(p)]: grp["lr"] for grp in optimizer.param_groups for p in grp["params"]})
-    return out
-
-
-def assert_simmim_run_lrs(cfg, fixture, run="run"):
-    ref = fixture["simmim"][run]
-    groups = fixture["simmim"]["steps"]["groups"]
-    column = {n: ref["lr_scales"].index(g["lr_scale"]) for n, g in groups.items()}
-    ours = simmim_run_lrs(cfg, ref)
-    for row, (g, mine) in enumerate(zip(ref["iterations"].tolist(), ours)):
-        for name, col in column.items():
-            want = ref["lrs"][row, col].item()
-            assert mine[name] == pytest.approx(want, rel=1e-12), (g, name, mine[name], want)
-
-
-@pytest.mark.parametrize("table", sorted(SIMMIM_RUNS))
-def test_simmim_run_lr_is_the_published_one(fixture, table):
-    cfg = tiny_config(table)
-    ref = fixture["simmim"][SIMMIM_RUNS[table]]
-    assert cfg.pss.sampler == ref["sampler"]
-    assert entry.updates_per_epoch(cfg, IMAGENET_TRAIN, cfg.nproc) == ref["updates_per_epoch"] == 2502
-    assert cfg.epochs == ref["epochs"]
-    assert_simmim_run_lrs(cfg, fixture, SIMMIM_RUNS[table])
-
-
-def test_simmim_scaled_layer_bounds_break_the_published_lr(fixture):
-    cfg = tiny_config("simmim", "--layer_decay_bounds", "scaled")
-    with pytest.raises(AssertionError):
-        assert_simmim_run_lrs(cfg, fixture)
-
-
-@pytest.mark.xfail(strict=True, reason="the published SimMIM loop sets the drop ratio AFTER each update "
-                   "(main_finetune.train_one_epoch: set_patch_drop_ratio(get_patch_drop_ratio()); step()), so update "
-                   "g trains at the schedule's ratio of g - 1 and update 0 on all patches; this project sets the "
-                   "ratio of g before update g, as the DeiT loop does")
-@pytest.mark.parametrize("table", sorted(SIMMIM_RUNS))
-def test_simmim_run_drop_ratio_is_the_published_one(fixture, table):
-    ref = fixture["simmim"][SIMMIM_RUNS[table]]
-    assert drop_ratios(tiny_config(table), ref) == ref["drop_ratio"].tolist()
+        steps.assert_groups(steps.parameter_groups(cfg, model, entry.scaled_lr(cfg, cfg.nproc)), groups)
