@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import checkpoint as ckpt_io
 import main as entry
 from efficienttrain import low_frequency_crop
-from engine import train_one_epoch
+from engine import resolve_amp, train_one_epoch
 from logger import RunLogger
 from methods import Clock, MethodSet
 from models.resize import set_input_size
@@ -136,10 +136,16 @@ def test_whole_run_lr_and_state_at_the_boundaries(ref, name):
     compare_run(run, WholeRun(name, run))
 
 
-@pytest.mark.parametrize("option", [("--epoch_updates", "loader"), ("--sched_step", "timm"), ("--sched_step", "swin")])
+WHOLE_RUN_DEVIATIONS = [("--epoch_updates", "loader"), ("--sched_step", "timm"), ("--sched_step", "published"),
+                        ("--sched_step", "swin")]
+STEP_DEVIATIONS = WHOLE_RUN_DEVIATIONS + [("--amp", "bf16")]
+
+
+@pytest.mark.parametrize("option", WHOLE_RUN_DEVIATIONS)
 def test_whole_run_fails_with_a_deviation_option(ref, option):
-    """``epoch_updates: loader`` (313 updates in phase 5), ``sched_step: timm`` (lr per epoch) and ``swin`` (lr of
-    the previous update) are not the published run: the comparison fails."""
+    """The options of ``docs/fidelity.md`` that leave the published EfficientTrain run: ``epoch_updates: loader``
+    (313 updates in phase 5), ``sched_step: timm`` / ``published`` (lr per epoch), ``swin`` (lr of the previous
+    update). Each makes the comparison fail."""
     name = "deit_t_et_toe.yaml"
     run = ref["run"][name]
     with pytest.raises(AssertionError):
@@ -215,7 +221,8 @@ def train_launch(cfg, methods, model, optimizer, launch: Dict[str, Any], images,
                model.blocks[1].register_forward_pre_hook(lambda m, a: out["tokens"].append(a[0].shape[1]))]
     try:
         stats = train_one_epoch(model, recording, loader, optimizer, CPU, epoch, cfg.total_epochs(),
-                                RunLogger(enabled=False), mixup_fn=Seeded(mixup, launch["np_seeds"], launch["torch_seeds"]),
+                                RunLogger(enabled=False), amp_dtype=resolve_amp(cfg.amp, CPU),
+                                mixup_fn=Seeded(mixup, launch["np_seeds"], launch["torch_seeds"]),
                                 clip_grad=cfg.clip_grad, accum_steps=s.grad_accum_steps, methods=methods,
                                 global_step=epoch * iters, iters_per_epoch=iters, input_size=s.input_size,
                                 set_lr=set_lr, epoch_iters=iters)
@@ -234,7 +241,8 @@ def tiny_run(ref, *extra: str) -> Dict[str, Any]:
     cfg = steps.table_config(CONFIG, *tiny_overrides(sr), *extra)
     methods = MethodSet.from_config(cfg)
     la, lb = sr["launches"]["A"], sr["launches"]["B"]
-    model = entry.build_model(cfg, sr["num_classes"], methods, img_size=entry.settings_at(cfg, methods, la["epoch"]).input_size)
+    size = entry.settings_at(cfg, methods, la["epoch"]).input_size
+    model = entry.build_model(cfg, sr["num_classes"], methods, img_size=size)
     ckpt_io.load_weights_strict(model, {k: v.float() for k, v in sr["init_state"].items()}, "et step fixture")
     methods.attach([model])
     lr = entry.scaled_lr(cfg, 1)
@@ -323,9 +331,10 @@ def test_tiny_launches_equal_the_published_steps(ref, tiny):
     compare_steps(ref["steps"], tiny)
 
 
-@pytest.mark.parametrize("option", [("--epoch_updates", "loader"), ("--sched_step", "timm"), ("--sched_step", "swin")])
+@pytest.mark.parametrize("option", STEP_DEVIATIONS)
 def test_tiny_launches_fail_with_a_deviation_option(ref, option):
-    """The documented options that leave the published behaviour make the step comparison fail."""
+    """The documented options that leave the published behaviour make the step comparison fail (``amp: bf16``
+    too: the published steps are float32 here, fp16 on a GPU)."""
     with pytest.raises(AssertionError):
         compare_steps(ref["steps"], tiny_run(ref, *option))
 
