@@ -11,9 +11,9 @@ criterion and engine:
   RandAugment's generator states, crop, interpolation): images, transformed label maps, crops, and the dense and
   class targets of the batch;
 * three optimizer steps of a tiny LV-ViT-S (width 64, 2 blocks, 16 px, patch 2: 8x8 tokens) at epochs 0, 100 and
-  200 (ToE stages 1, 2, 3) with the published MixToken boxes and drop-path draws: parameter groups, lr, logits of
-  the class token and of every patch token, loss, every gradient of the first step, every parameter (and the stem's
-  batch-norm statistics) after the third;
+  200 (ToE stages 1, 2, 3) with the published MixToken boxes and drop-path draws: parameter groups, lr, the tokens
+  ToE keeps, logits of the class token and of every patch token, loss, every gradient of the first step, every
+  parameter (and the stem's batch-norm statistics) after the third;
 * the table config's whole run (310 epochs, 4 x 256): lr of every update, updates per epoch, ToE's stage and tokens;
 * each documented option that leaves the published behaviour breaks the comparison it should.
 
@@ -208,7 +208,8 @@ def train_steps(ref, tree, *overrides: str, count: int = 3):
     scheduler = entry.build_scheduler(cfg, optimizer, 1)
     criterion, mixup_fn = entry.build_criterion(cfg, ref["num_classes"], CPU)
     assert mixup_fn is None
-    got = {"cls": [], "aux": [], "loss": [], "lr": [], "grads": None, "groups": steps.parameter_groups(cfg, model)}
+    got = {"cls": [], "aux": [], "loss": [], "lr": [], "kept": [], "grads": None,
+           "groups": steps.parameter_groups(cfg, model)}
 
     def before_step(opt, *_):
         got["lr"].append(opt.param_groups[0]["lr"])
@@ -218,6 +219,8 @@ def train_steps(ref, tree, *overrides: str, count: int = 3):
     def outputs(module, inputs, out):
         got["cls"].append(out[0].detach().clone())
         got["aux"].append(out[1].detach().clone())
+        kept = model.toe.kept_index                     # ToE's positions of its last call (None: all tokens)
+        got["kept"].append(None if kept is None else kept.clone())
 
     model.register_forward_hook(outputs)
     criterion.register_forward_hook(lambda m, i, o: got["loss"].append(o.detach().clone()))
@@ -248,6 +251,11 @@ def assert_steps(got, ref) -> None:
     steps.assert_groups(got["groups"], ref["groups"])
     assert got["lr"] == [s["lr"] for s in published], (got["lr"], [s["lr"] for s in published])
     for k, step in enumerate(published):
+        if step["kept"] is None:
+            assert got["kept"][k] is None, f"step {k + 1} kept {got['kept'][k].shape[1]} tokens, the published all"
+        else:     # the same tokens (their order in the reduced set changes nothing the next blocks compute)
+            assert got["kept"][k] is not None and torch.equal(got["kept"][k].sort(1).values,
+                                                              step["kept"].long().sort(1).values), f"kept, step {k + 1}"
         steps.assert_close(got["cls"][k], step["cls"], 1e-5, f"class logits of step {k + 1}")
         steps.assert_close(got["aux"][k], step["aux"], 1e-5, f"patch-token logits of step {k + 1}")
         steps.assert_close(got["loss"][k], torch.tensor(step["loss"]), 1e-5, f"loss of step {k + 1}")
