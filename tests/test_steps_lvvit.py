@@ -331,11 +331,10 @@ def run_record(cfg, images: int = IMAGENET_TRAIN):
             "lr_last": torch.tensor(lr_last, dtype=torch.float64), "stage": stage, "kept_tokens_224": kept}
 
 
-def run_config(*overrides: str):
-    """``lvvit_s_toe.yaml`` as launched (224 px, 4 x 256), narrower so that building it is quick (the schedule, the
-    optimizer's groups and the token counts do not depend on the width)."""
-    return steps.table_config("lvvit_s_toe.yaml", "--model_kwargs", "{embed_dim: 64, depth: 2, num_heads: 4}",
-                              *overrides)
+def run_config(*overrides: str, config: str = "lvvit_s_toe.yaml"):
+    """A table config as launched (224 px, 4 x 256), narrower so that building it is quick (the schedule, the
+    updates and the token counts do not depend on the width)."""
+    return steps.table_config(config, "--model_kwargs", "{embed_dim: 64, depth: 2, num_heads: 4}", *overrides)
 
 
 def assert_run(got, run) -> None:
@@ -356,6 +355,12 @@ def test_whole_run_equals_the_published_loop(ref):
     assert run["lr_first"][0].item() == 1e-6 and run["lr_first"][300:].eq(1e-5).all()
     assert torch.equal(run["lr_first"], run["lr_last"])        # one lr per epoch, stepped between epochs
     assert_run(run_record(run_config()), run)
+
+
+@pytest.mark.parametrize("config", ["lvvit_t_toe.yaml", "lvvit_m_toe.yaml"])
+def test_the_other_lvvit_toe_configs_run_the_published_lvvit_s_script(ref, config):
+    """The authors publish the LV-ViT-S script only; the T and M configs reuse its schedule and launch."""
+    assert_run(run_record(run_config(config=config)), ref["run"])
 
 
 @pytest.mark.parametrize("flip", [("--sched_step", "published"), ("--cooldown_epochs", "0"),
