@@ -365,7 +365,11 @@ def section_classes() -> Dict[str, type]:
 
 
 def parse_overrides(argv: List[str]) -> Dict[str, Any]:
-    """``--key value`` / ``--key=value`` / ``--section.key value`` into a nested dict; values are read as YAML."""
+    """``--key value`` / ``--key=value`` / ``--section.key value`` into a nested dict; values are read as YAML.
+
+    A key given twice: the later value wins, except that two mappings (``--model_kwargs '{a: 1}' --model_kwargs
+    '{b: 2}'``, a section and its keys) merge key by key, as a YAML file and the command line do.
+    """
     out: Dict[str, Any] = {}
     flags = bool_keys()
     i = 0
@@ -404,7 +408,8 @@ def parse_overrides(argv: List[str]) -> Dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override --{key} conflicts with an earlier override of --{p}")
-        node[parts[-1]] = value
+        earlier = node.get(parts[-1])
+        node[parts[-1]] = deep_merge(earlier, value) if isinstance(earlier, dict) and isinstance(value, dict) else value
     return out
 
 
@@ -675,7 +680,8 @@ def help_text(usage: str = "") -> str:
     width_default = 24
     out = [usage.rstrip(), ""] if usage else []
     out += ["Config keys (YAML file, or --KEY VALUE after --config; values are read as YAML; booleans also as bare",
-            "flags --KEY / --no-KEY; method sections as --SECTION.KEY VALUE, --SECTION none to drop one):"]
+            "flags --KEY / --no-KEY; method sections as --SECTION.KEY VALUE, --SECTION none to drop one; a key given",
+            "twice: the last value wins, and mappings such as model_kwargs merge key by key, the later value winning):"]
     group = None
     for g, key, tp, default, text in rows:
         if g != group:

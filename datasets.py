@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate, get_worker_info
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import find_classes, has_file_allowed_extension
 
 
 class DatasetError(ValueError):
@@ -106,16 +106,82 @@ def load_rgb(path: str) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {reason}") from None
 
 
-def _image_folder(root: str, split: str, transform) -> datasets.ImageFolder:
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder (same classes, same sample order) that enters no directory twice.
+
+    torchvision walks class folders following links, so a link loop (``c3/again -> .``) is read again and again,
+    until the OS gives up, and multiplies that class. Directories are told apart by device and inode: a loop, or a
+    second link to a folder already read, is left out and listed in ``skipped_dirs``; links to image files, and
+    class folders that are links to folders elsewhere (common for ImageNet), are read as before.
+    """
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        if (extensions is None) == (is_valid_file is None):
+            raise ValueError("exactly one of extensions and is_valid_file must be given")
+        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+        self.skipped_dirs, seen = [], {_dir_id(directory)}
+        samples, found = [], set()
+        for name in sorted(class_to_idx):
+            top = os.path.join(directory, name)
+            if not os.path.isdir(top) or not self._enter(top, seen):
+                continue
+            for base, files in sorted(self._walk(top, seen)):
+                for path in (os.path.join(base, f) for f in sorted(files)):
+                    if valid(path):
+                        samples.append((path, class_to_idx[name]))
+                        found.add(name)
+        empty = sorted(set(class_to_idx) - found)
+        if empty and not allow_empty:
+            skipped = f" (skipped as already read: {', '.join(self.skipped_dirs[:3])})" if self.skipped_dirs else ""
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}{skipped}")
+        return samples
+
+    def _enter(self, path: str, seen: set) -> bool:
+        """Whether ``path`` is a directory not read yet (and now marked as read)."""
+        key = _dir_id(path)
+        if key in seen:
+            self.skipped_dirs.append(path)
+            return False
+        seen.add(key)
+        return True
+
+    def _walk(self, top: str, seen: set):
+        """``os.walk(top, followlinks=True)`` as (directory, file names), pruned of directories already read."""
+        for base, dirs, files in os.walk(top, followlinks=True):
+            # sorted: of two ways into one folder, every run keeps the same one
+            dirs[:] = [d for d in sorted(dirs) if self._enter(os.path.join(base, d), seen)]
+            yield base, files
+
+
+def _dir_id(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _check_data_path(root: str) -> None:
+    """A data_path that exists but is no directory is named as such, not reported missing."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        kind = "a file" if os.path.isfile(root) else "not a regular file or folder"
+        raise DatasetError(f"data_path {root} is {kind}, not a directory; point it at the dataset's folder")
+
+
+def _image_folder(root: str, split: str, transform, warn: bool = True) -> datasets.ImageFolder:
     path = os.path.join(root, split)
     if not os.path.isdir(root):
         raise DatasetError(f"data_path {root} does not exist")
+    if os.path.isfile(path):
+        raise DatasetError(f"split directory {path} is a file, not a directory (expected {root}/train and {root}/val)")
     if not os.path.isdir(path):
         raise DatasetError(f"split directory {path} does not exist (expected {root}/train and {root}/val)")
     try:
-        ds = datasets.ImageFolder(path, transform=transform, loader=load_rgb)
+        ds = _ImageFolder(path, transform=transform, loader=load_rgb)
     except FileNotFoundError as e:       # no class dirs, or a class dir without images
         raise DatasetError(f"no images found under {path}: {str(e).splitlines()[0]}") from None
+    if ds.skipped_dirs and warn:
+        shown = ", ".join(os.path.relpath(d, path) for d in ds.skipped_dirs[:3])
+        more = f" and {len(ds.skipped_dirs) - 3} more" if len(ds.skipped_dirs) > 3 else ""
+        print(f"warning: {path}: skipped {len(ds.skipped_dirs)} link(s) to a folder already read (a link loop or a "
+              f"second link to the same folder): {shown}{more}", file=sys.stderr, flush=True)
     other = os.path.join(root, "val" if split == "train" else "train")
     if os.path.isdir(other):             # a label index must mean the same class in both splits
         try:
@@ -204,10 +270,12 @@ def check_num_classes(cfg_nb_classes: Optional[int], dataset_classes: int) -> in
     return dataset_classes
 
 
-def build_dataset(cfg, is_train: bool) -> Tuple[Dataset, int]:
-    """The ``train`` (or ``val``) split of ``cfg.data_set`` with DeiT's transforms, and its class count."""
+def build_dataset(cfg, is_train: bool, warn: bool = True) -> Tuple[Dataset, int]:
+    """The ``train`` (or ``val``) split of ``cfg.data_set`` with DeiT's transforms, and its class count; ``warn``:
+    print what the folder walk skipped (one process of a run says it)."""
     transform = build_transform(cfg, is_train)
     root = cfg.data_path
+    _check_data_path(root)
     if cfg.data_set == "cifar10":
         ds = _cifar(_LocalCIFAR10, root, is_train, transform)
     elif cfg.data_set == "cifar100":
@@ -215,7 +283,7 @@ def build_dataset(cfg, is_train: bool) -> Tuple[Dataset, int]:
     elif cfg.data_set in ("imagenet", "folder", "digits"):
         if cfg.data_set == "digits":
             prepare_digits(root)
-        ds = _image_folder(root, "train" if is_train else "val", transform)
+        ds = _image_folder(root, "train" if is_train else "val", transform, warn)
         if is_train and getattr(cfg, "token_label", None) is not None:
             ds = _with_token_labels(cfg, ds)
     else:
@@ -491,8 +559,8 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoade
     is drawn (:func:`sample_seed`: seed, epoch, rank, position), so it does not depend on the number of workers or
     on the batches a resumed epoch skips. Workers ignore SIGINT/SIGTERM (the main process handles them).
     """
-    train_set, nb_classes = build_dataset(cfg, is_train=True)
-    val_set, _ = build_dataset(cfg, is_train=False)
+    train_set, nb_classes = build_dataset(cfg, is_train=True, warn=rank == 0)
+    val_set, _ = build_dataset(cfg, is_train=False, warn=rank == 0)
     skip = bool(getattr(cfg, "skip_bad_images", False))
     if skip:
         train_set, val_set = SkipBadImages(train_set), SkipBadImages(val_set)
