@@ -35,13 +35,16 @@ class PSSConfig:
     # the line goes on, as in the published code). DeiT passes its lr cooldown (10); SimMIM uses 0.
     cooldown_epochs: int = 10
     sampler: str = field(default="magnitude", metadata={"choices": SAMPLERS})
+    # when the ratio is set: `before` each update from the iteration counter (the published DeiT loop); `after` each
+    # update (the published SimMIM loop: update g trains at d(g - 1), the first update on all patches)
+    ratio_timing: str = field(default="before", metadata={"choices": ("before", "after")})
     # keep rates that scripts/sweep.py evaluates a trained model at (dynamic inference)
     sweep_keep_rates: List[float] = field(default_factory=lambda: list(SWEEP_KEEP_RATES))
 
 
 def _schedule(section: PSSConfig, epochs: int, iterations_per_epoch: int) -> PSSSchedule:
     return PSSSchedule(section.scheduler, section.start_drop_ratio, section.end_drop_ratio, epochs,
-                       iterations_per_epoch, section.cooldown_epochs)
+                       iterations_per_epoch, section.cooldown_epochs, lag=int(section.ratio_timing == "after"))
 
 
 @register_method

@@ -58,6 +58,8 @@ class PSSSchedule:
     epochs: training epochs, cooldown included.
     iterations_per_epoch: optimizer iterations per epoch (1251 for DeiT-S on 4 GPUs x 256, 2502 for SimMIM ViT-B).
     cooldown_epochs: epochs at the end excluded from the schedule (DeiT passes its lr ``--cooldown-epochs``, 10).
+    lag: iterations the ratio trails the counter: 0 in the published DeiT loop (it reads d(g) before update g), 1 in
+        the published SimMIM loop (it sets the ratio after each update: update g trains at d(g - 1), update 0 at 0).
     """
 
     scheduler: str = "cyclic"
@@ -66,6 +68,7 @@ class PSSSchedule:
     epochs: int = 300
     iterations_per_epoch: int = 1251
     cooldown_epochs: int = 10
+    lag: int = 0
 
     def __post_init__(self):
         for key in ("start_drop_ratio", "end_drop_ratio"):
@@ -73,7 +76,7 @@ class PSSSchedule:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ScheduleError(f"pss.{key} {value!r} must be a finite number")
             object.__setattr__(self, key, float(value))
-        for key in ("epochs", "iterations_per_epoch", "cooldown_epochs"):
+        for key in ("epochs", "iterations_per_epoch", "cooldown_epochs", "lag"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
                 raise ScheduleError(f"pss.{key} {value!r} must be an integer")
@@ -138,7 +141,10 @@ class PSSSchedule:
 
     def drop_ratio(self, global_step: int) -> float:
         """d at global iteration ``g = epoch * iterations_per_epoch + step`` (clipped, snapped to 0.2)."""
-        return snap(self.raw_drop_ratio(global_step))
+        g = int(global_step)
+        if 0 <= g < self.lag:
+            return 0.0
+        return snap(self.raw_drop_ratio(g - self.lag))
 
     def keep_rate(self, global_step: int) -> float:
         """The patch keep rate rho = 1 - d."""
@@ -151,9 +157,10 @@ class PSSSchedule:
         from ``math.cos`` in the last bit, which matters only where ``5 d`` is within float noise of a half; those
         few iterations are recomputed with the scalar path.
         """
-        g = np.asarray(global_steps, dtype=np.int64)
-        if g.size and g.min() < 0:
+        counter = np.asarray(global_steps, dtype=np.int64)
+        if counter.size and counter.min() < 0:
             raise ValueError("global steps must be >= 0")
+        g = np.maximum(counter - self.lag, 0)
         s, e, T, E = self.start_drop_ratio, self.end_drop_ratio, self.scheduled_iterations, self.iterations_per_epoch
         if self.scheduler == "linear":
             p = g / T
@@ -169,8 +176,8 @@ class PSSSchedule:
         if self.scheduler == "cosine" and s != e:
             y = np.clip(raw, 0.0, 1.0) * 5
             for i in np.flatnonzero(np.abs(y - np.floor(y) - 0.5) < 1e-9):
-                out.flat[i] = self.drop_ratio(int(g.flat[i]))
-        return out
+                out.flat[i] = snap(self.raw_drop_ratio(int(g.flat[i])))
+        return np.where(counter < self.lag, 0.0, out)
 
     def level_counts(self) -> Dict[float, int]:
         """``{snapped drop ratio: iterations spent at it}`` over all ``total_iterations`` (cooldown included)."""

@@ -46,17 +46,7 @@ def pss_method(methods):
     return next(m for m in methods if m.name == "pss")
 
 
-class PublishedRatios:
-    """A stand-in for the PSS schedule that answers the published loop's drop ratio of each global iteration."""
-
-    def __init__(self, first_step, ratios):
-        self.first_step, self.ratios = first_step, list(ratios)
-
-    def drop_ratio(self, step):
-        return self.ratios[step - self.first_step]
-
-
-def run_steps(cfg, fixture, which, published_ratios=False):
+def run_steps(cfg, fixture, which):
     """3 iterations of this project's engine from the fixture's initial weights at the fixture's epoch; what the
     published loop recorded, recorded the same way (hooks that only read)."""
     s = fixture[which]["steps"]
@@ -66,8 +56,6 @@ def run_steps(cfg, fixture, which, published_ratios=False):
     methods = MethodSet.from_config(cfg)
     methods.attach([model])
     methods.on_epoch(Clock(epoch, 0, epoch * per_epoch, per_epoch, cfg.epochs))
-    if published_ratios:
-        pss_method(methods).schedule = PublishedRatios(epoch * per_epoch, s["drop_ratio"])
     lr = entry.scaled_lr(cfg, cfg.nproc)
     optimizer = entry.create_optimizer(cfg, model, lr)
     scheduler = entry.build_scheduler(cfg, optimizer, per_epoch)
@@ -194,12 +182,14 @@ def test_deit_timm_scheduler_stepping_breaks_the_published_lr(fixture):
 
 
 # ------------------------------------------------------------------------------------------------ SimMIM
-def test_simmim_steps_are_the_published_ones_at_the_published_drop_ratios(fixture):
-    """The published SimMIM loop sets the drop ratio after each update, this project before it (kept on purpose,
-    docs/fidelity.md; pinned below), so this run is handed the published ratio of each of its 3 iterations;
-    everything else is this project's."""
-    ours = run_steps(tiny_config("simmim"), fixture, "simmim", published_ratios=True)
-    assert_steps(ours, fixture["simmim"]["steps"])
+def test_simmim_steps_are_the_published_ones(fixture):
+    assert_steps(run_steps(tiny_config("simmim"), fixture, "simmim"), fixture["simmim"]["steps"])
+
+
+def test_setting_the_ratio_before_the_update_breaks_the_published_simmim_steps(fixture):
+    with pytest.raises(AssertionError):
+        assert_steps(run_steps(tiny_config("simmim", "--pss.ratio_timing", "before"), fixture, "simmim"),
+                     fixture["simmim"]["steps"])
 
 
 @pytest.mark.parametrize("table", sorted(SIMMIM_RUNS))
@@ -220,17 +210,16 @@ def test_simmim_lr_options_break_the_published_lr(fixture, flip):
 
 
 @pytest.mark.parametrize("table", sorted(SIMMIM_RUNS))
-def test_simmim_drop_ratio_is_the_published_one_update_later(fixture, table):
-    """The documented difference, pinned: the published loop sets the ratio after each update (``set_patch_drop_ratio
-    (get_patch_drop_ratio()); step()``), so update g trains at the schedule's ratio of g - 1 and update 0 on all
-    patches; this project sets the ratio of g before update g. Over the 250,200 updates of the run the two differ at
-    801 (one 0.2 level each); the mean keep rate is 0.644285 here and 0.644288 published."""
+def test_simmim_run_drop_ratio_is_the_published_one(fixture, table):
+    """The published SimMIM loop sets the ratio after each update (``set_patch_drop_ratio(get_patch_drop_ratio());
+    step()``), so update g trains at the schedule's ratio of g - 1 and update 0 on all patches: the SimMIM table
+    configs' ``pss.ratio_timing: after``. Set before each update instead (``before``, the DeiT loop's timing), the
+    two differ at 801 of the run's 250,200 updates (one 0.2 level each)."""
     ref = fixture["simmim"][SIMMIM_RUNS[table]]
-    cfg = tiny_config(table)
     its, want = ref["iterations"].tolist(), ref["drop_ratio"].tolist()
     assert its[0] == 0 and want[0] == 0.0
-    assert drop_ratios(cfg, ref["updates_per_epoch"], [g - 1 for g in its[1:]]) == want[1:]
-    assert drop_ratios(cfg, ref["updates_per_epoch"], its) != want
+    assert drop_ratios(tiny_config(table), ref["updates_per_epoch"], its) == want
+    assert drop_ratios(tiny_config(table, "--pss.ratio_timing", "before"), ref["updates_per_epoch"], its) != want
 
 
 # ------------------------------------------------------------------------------------------------ both
