@@ -24,6 +24,7 @@ from trilevel.cost import ForwardCost, ViTDims, representative_states, stage_tok
 from trilevel.method import TriLevel
 from trilevel.schedule import keep_rate
 from tests.runs import interrupt_epoch, load, read_log, torchrun
+from tests.test_resume_fields import STOPPER, without_timings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.yaml")
@@ -250,8 +251,10 @@ def torchrun_demo(script, digits, out, *extra):
 def test_two_processes_per_rank_resume_across_a_swap_and_global_sync(digits, tmp_path, capsys):
     """Two processes (torchrun, gloo). ``per_rank``: the run keeps a copy of its epoch-0 checkpoint (what a kill in
     epoch 1 leaves on disk: each process's subset and statistics, before the swap at epoch 1); resumed from it in a
-    fresh directory, the run ends bit-identical. Resuming it on one process is refused. ``global``: one subset,
-    statistics of both processes' presentations on each, the same swap (checked at every save)."""
+    fresh directory, the run ends bit-identical. Stopped by SIGTERM inside epoch 1 (after each process's own swap),
+    its checkpoint holds both processes' subsets of that epoch and the resumed run ends with the uninterrupted run's
+    weights, example state and log. Resuming on one process is refused. ``global``: one subset, statistics of both
+    processes' presentations on each, the same swap (checked at every save)."""
     keep = tmp_path / "epoch0.pth"
     keeper = tmp_path / "keeper.py"
     keeper.write_text(KEEPER.format(root=ROOT, keep=str(keep)))
@@ -274,6 +277,26 @@ def test_two_processes_per_rank_resume_across_a_swap_and_global_sync(digits, tmp
     # each process presented only its own shard of its own subset since the last swap
     assert all(len(s["stats"]["ids"]) <= SUBSET // 2 + 64 for s in sa["selectors"])
     assert nbytes(sa) < 2 * 16 * N_TRAIN + 8192                          # <= 16 bytes per example per process
+
+    # SIGTERM inside epoch 1: every process's subset of the epoch in progress is saved, the resume is exact
+    stopper = tmp_path / "stop.py"
+    stopper.write_text(STOPPER.format(root=ROOT, epoch=1, step=4))
+    stopped = tmp_path / "stopped"
+    res = torchrun_demo(str(stopper), digits, stopped, *per_rank)
+    assert res.returncode != 0 and "stopped by SIGTERM at epoch 2/2" in res.stderr, res.stderr[-3000:]
+    ckpt = load(stopped / "checkpoint.pth")
+    ranks, selectors = ckpt["mid_epoch"]["ranks"], ckpt["methods"]["trilevel"]["selectors"]
+    assert ckpt["clock"]["step"] == 5 and len(ranks) == len(selectors) == 2
+    for mine, sel in zip(ranks, selectors):
+        assert sel["swaps_done"] == 1 and torch.equal(mine["subset"], torch.sort(sel["train_ids"].long()).values)
+    assert not torch.equal(ranks[0]["subset"], ranks[1]["subset"])
+    res = torchrun_demo(None, digits, stopped, *per_rank, "--resume", "auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    b = load(stopped / "checkpoint.pth")
+    assert_same_weights(a, b)
+    for x, y in zip(sa["selectors"], b["methods"]["trilevel"]["selectors"]):
+        assert_same_selector(x, y)
+    assert without_timings(read_log(stopped)) == without_timings(read_log(tmp_path / "straight"))
 
     # another process count in per_rank mode is refused with one line
     code = entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(tmp_path / "one"), *TINY,

@@ -1,7 +1,7 @@
 """Tri-Level's published run as a whole, on the table configs: the data regime (each process its own 80 % subset and
 statistics, numpy's quicksort ranking), the DeiT-S launch (the DeiT-T command with the DeiT-S model), fp16 as
-resolved; and a ``per_rank`` checkpoint written inside an epoch holds every process's subset (two processes under
-torchrun, stopped by SIGTERM and resumed: the uninterrupted run's weights and log).
+resolved. (A ``per_rank`` checkpoint written inside an epoch holds every process's subset and resumes exactly on two
+processes: ``tests/test_trilevel_method.py``.)
 """
 import glob
 import os
@@ -9,14 +9,11 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 
 import main as entry
 import trilevel.method as tm
 from config import load_config
 from datasets import RASampler
-from tests.runs import load, read_log, torchrun
-from tests.test_resume_fields import STOPPER, without_timings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "deit_*_trilevel*.yaml")))
@@ -103,44 +100,3 @@ def test_the_deit_s_launch_is_the_deit_t_command_with_the_deit_s_model():
     # the attention-only ablation is run.sh's command: 4 x 384
     cfg = config(os.path.join(ROOT, "configs", "deit_s_trilevel_attention_only.yaml"))
     assert (cfg.batch_size, cfg.nproc) == (384, 4) and entry.scaled_lr(cfg, 4) == pytest.approx(1.5e-3)
-
-
-# ---------------------------------------------------------------------------------------------- two processes
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-TWO = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 3, num_heads: 2}", "--input_size", "16",
-       "--num_workers", "0", "--batch_size", "64", "--warmup_epochs", "1", "--print_freq", "50", "--tensorboard",
-       "false", "--model_ema_eval", "false", "--epochs", "2", "--methods", "[trilevel]", "--trilevel",
-       "{pruning_loc: [1], warmup_epochs: 0, decay_epochs: 2, swap_interval: 1, npresentations: 2, remove_n: 100, "
-       "eval_dense: false, sync: per_rank, sort_kind: quicksort}"]
-
-
-def test_two_processes_per_rank_stopped_inside_an_epoch_resume_exactly(digits, tmp_path):
-    """Stopped by SIGTERM inside epoch 1 (after each process's own swap): the checkpoint holds both processes'
-    subsets for the epoch in progress (each its own selector's), and the resumed run ends with the uninterrupted
-    run's weights, example state and log."""
-    run = lambda out, *extra, script=None: torchrun("--config", DEMO, "--data_path", digits, "--output_dir", out,  # noqa: E731
-                                                    *TWO, *extra, script=script)
-    res = run(tmp_path / "straight")
-    assert res.returncode == 0, res.stderr[-3000:]
-    stopper = tmp_path / "stop.py"
-    stopper.write_text(STOPPER.format(root=ROOT, epoch=1, step=4))
-    out = tmp_path / "stopped"
-    res = run(out, script=str(stopper))
-    assert res.returncode != 0 and "stopped by SIGTERM at epoch 2/2" in res.stderr, res.stderr[-3000:]
-    ckpt = load(out / "checkpoint.pth")
-    state = ckpt["methods"]["trilevel"]
-    ranks, selectors = ckpt["mid_epoch"]["ranks"], state["selectors"]
-    assert ckpt["clock"]["step"] == 5 and len(ranks) == len(selectors) == 2
-    for mine, sel in zip(ranks, selectors):
-        assert sel["swaps_done"] == 1 and torch.equal(mine["subset"], torch.sort(sel["train_ids"].long()).values)
-    assert not torch.equal(ranks[0]["subset"], ranks[1]["subset"])
-    res = run(out, "--resume", "auto")
-    assert res.returncode == 0, res.stderr[-3000:]
-    a, b = load(tmp_path / "straight" / "checkpoint.pth"), load(out / "checkpoint.pth")
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    for x, y in zip(a["methods"]["trilevel"]["selectors"], b["methods"]["trilevel"]["selectors"]):
-        for key in ("train_ids", "pool_ids"):
-            assert torch.equal(x[key], y[key])
-        assert all(torch.equal(x["stats"][k], y["stats"][k]) for k in x["stats"])
-    assert without_timings(read_log(out)) == without_timings(read_log(tmp_path / "straight"))
