@@ -30,11 +30,12 @@ METHODS = {   # the methods' flags, and the epoch and batch at which the stopped
     "pss+trilevel": (["--methods", "[pss, trilevel]", "--pss.cooldown_epochs", "0", "--trilevel",
                       "{pruning_loc: [1], warmup_epochs: 0, decay_epochs: 2, swap_interval: 1, npresentations: 2, "
                       "remove_n: 100, eval_dense: false}"], 1, 4),
-    # two phases: 8 px at twice the batch (one update per batch), then 16 px at the config's batch (two per update);
-    # the resumed process starts in phase 2
-    "efficienttrain": (["--methods", "[efficienttrain]", "--batch_size", "64", "--grad_accum_steps", "2",
-                        "--efficienttrain", "{input_sizes: [8, 16], rand_magnitudes: [1, 9], rand_augment: null, "
-                        "batch_scale: [2, 1]}"], 1, 5),
+    # EfficientTrain with ToE: two phases, 12 px at twice the batch (one update per batch), then 16 px at the
+    # config's batch (two per update), the resumed process starting in phase 2; ToE's second stage in epoch 1
+    "efficienttrain+toe": (["--methods", "[efficienttrain, toe]", "--batch_size", "64", "--grad_accum_steps", "2",
+                            "--efficienttrain", "{input_sizes: [12, 16], rand_magnitudes: [1, 9], rand_augment: null, "
+                            "batch_scale: [2, 1]}", "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates",
+                            "[0.5, 1.0]", "--toe.init_keep_rate", "0.25"], 1, 5),
 }
 TIMINGS = {"wall_seconds", "train_images_per_s", "train_epoch_seconds", "train_data_seconds", "train_compute_seconds"}
 STOPPER = textwrap.dedent("""
