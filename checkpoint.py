@@ -278,9 +278,31 @@ class ResumeState:
     global_step: Optional[int]
     mid_epoch: Optional[Dict[str, Any]]
     timm_format: bool
+    stamp: Optional[Tuple[int, int, int]] = None   # the file as it was read (see check_unchanged)
 
 
-def resume_state(ckpt: Dict[str, Any], path: str) -> ResumeState:
+def file_stamp(path: str) -> Optional[Tuple[int, int, int]]:
+    """What changes when a file is replaced or rewritten: inode, size, modification time (``None``: no file)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(output_dir: str, rs: Optional["ResumeState"]) -> None:
+    """Under the run-directory lock: the checkpoint this run was built from is still the one on disk, and a run
+    that found none still finds none (another run may have written in ``output_dir`` while this one started)."""
+    own = os.path.join(output_dir, "checkpoint.pth")
+    if rs is None and os.path.exists(own):
+        raise RunDirError(f"output_dir: {own} was written by another run while this one was starting; nothing was "
+                          f"changed: start again (with --resume auto to continue that run)")
+    if rs is not None and file_stamp(rs.path) != rs.stamp:
+        raise RunDirError(f"resume: {rs.path} was replaced by another run while this one was starting; nothing was "
+                          f"changed: start again to continue from the new checkpoint")
+
+
+def resume_state(ckpt: Dict[str, Any], path: str, stamp: Optional[Tuple[int, int, int]] = None) -> ResumeState:
     """Where a checkpoint continues; a weights-only file is a one-line error that points at ``--finetune``."""
     if "epoch" not in ckpt or "optimizer" not in ckpt:
         raise CheckpointError(f"resume: {path} holds weights only (no optimizer state or epoch), so there is no run to "
@@ -292,7 +314,7 @@ def resume_state(ckpt: Dict[str, Any], path: str) -> ResumeState:
     step = int(clock.get("step", 0)) if mid else 0
     gs = ckpt.get("global_step")
     return ResumeState(path, ckpt, epoch, next_epoch, step, None if gs is None else int(gs), mid,
-                       timm_format="lr_scheduler" not in ckpt)
+                       timm_format="lr_scheduler" not in ckpt, stamp=stamp or file_stamp(path))
 
 
 def in_model_layout(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from checkpoint import first_line
+
 ITERATIONS = "iterations.jsonl"     # the per-iteration log beside log.jsonl (log_every)
 NOT_SCALARS = ("iteration", "epoch", "step")      # a per-iteration record's position (TensorBoard's step already)
 
@@ -22,6 +24,10 @@ def format_seconds(s: float) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+class LogWriteError(OSError):
+    """``log.jsonl`` could not be written (disk full, directory gone); ``str(err)`` is the one line shown."""
 
 
 class RunLogger:
@@ -80,19 +86,25 @@ class RunLogger:
             self._live_open = False
 
     def log_epoch(self, record: Dict[str, Any]) -> None:
+        """The epoch's record, on disk (``fsync``) before the epoch's checkpoint; a failure to write it is a
+        :class:`LogWriteError` (the caller saves the checkpoint first, then stops)."""
         if not self.enabled:
             return
         self.sync()
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-            os.fsync(self.jsonl.fileno())
-        if self.tb:
-            step = record["epoch"]
+            try:
+                self.jsonl.write(json.dumps(record) + "\n")
+                self.jsonl.flush()
+                os.fsync(self.jsonl.fileno())
+            except OSError as e:
+                raise LogWriteError(f"log.jsonl: cannot write the record of epoch {record['epoch'] + 1} in "
+                                    f"{self.output_dir} ({e.strerror or e})") from None
+        def scalars(tb) -> None:
             for k, v in record.items():
                 if k != "epoch" and _is_number(v):
-                    self.tb.add_scalar(k.replace("_", "/", 1), v, step)
-            self.tb.flush()
+                    tb.add_scalar(k.replace("_", "/", 1), v, record["epoch"])
+            tb.flush()
+        self._tensorboard(scalars)
 
     def log_iteration(self, record: Dict[str, Any]) -> None:
         """One line of ``iterations.jsonl`` (flushed, not ``fsync``-ed: :meth:`sync` does that before a checkpoint)
@@ -100,107 +112,159 @@ class RunLogger:
         if not self.enabled:
             return
         if self.iterations:
-            self.iterations.write(json.dumps(record) + "\n")
-            self.iterations.flush()
-        if self.tb:
+            try:
+                self.iterations.write(json.dumps(record) + "\n")
+                self.iterations.flush()
+            except OSError as e:
+                self._stop_iterations(e)
+        def scalars(tb) -> None:
             for k, v in record.items():
                 if k not in NOT_SCALARS and _is_number(v):
-                    self.tb.add_scalar(f"iter/{k}", v, record["iteration"])
+                    tb.add_scalar(f"iter/{k}", v, record["iteration"])
+        self._tensorboard(scalars)
 
     def sync(self) -> None:
         """Put the iteration records on disk, and TensorBoard's, before a checkpoint covers them."""
         if self.iterations:
-            self.iterations.flush()
-            os.fsync(self.iterations.fileno())
-        if self.tb:
-            self.tb.flush()
+            try:
+                self.iterations.flush()
+                os.fsync(self.iterations.fileno())
+            except OSError as e:
+                self._stop_iterations(e)
+        self._tensorboard(lambda tb: tb.flush())
 
     def scalar(self, name: str, value: float, step: int) -> None:
-        if self.enabled and self.tb:
-            self.tb.add_scalar(name, value, step)
+        if self.enabled:
+            self._tensorboard(lambda tb: tb.add_scalar(name, value, step))
+
+    # views of the run that may fail without costing it: one line, then the run goes on without them
+    def _stop_iterations(self, err: OSError) -> None:
+        self.info(f"warning: {ITERATIONS}: cannot write in {self.output_dir} ({err.strerror or err}); the "
+                  f"per-iteration log stops here, training goes on (log.jsonl and the checkpoints are unaffected)")
+        try:
+            self.iterations.close()
+        except OSError:
+            pass
+        self.iterations = None
+
+    def _tensorboard(self, write) -> None:
+        if self.tb is None:
+            return
+        try:
+            write(self.tb)
+        except Exception as e:  # noqa: BLE001 -- TensorBoard's writer raises what its file system raises
+            self.info(f"warning: tensorboard: cannot write in {self.output_dir}/tensorboard ({first_line(e)}); "
+                      f"TensorBoard stops here, training goes on (log.jsonl has every epoch)")
+            try:
+                self.tb.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.tb = None
 
     def close(self) -> None:
         self._end_live()
-        if self.jsonl:
-            self.jsonl.close()
-            self.jsonl = None
-        if self.iterations:
-            self.iterations.close()
-            self.iterations = None
-        if self.tb:
-            self.tb.close()
-            self.tb = None
+        for name in ("jsonl", "iterations"):
+            f = getattr(self, name)
+            setattr(self, name, None)
+            if f:
+                try:
+                    f.close()
+                except OSError:
+                    pass           # what could not be written was reported when it was written
+        self._tensorboard(lambda tb: tb.close())
+        self.tb = None
+
+
+def _json_lines(path: str):
+    """``(line, record)`` for every line of a JSON-lines file; ``record`` is ``None`` where the line cannot be read
+    (cut short by a kill, garbage bytes, not JSON)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            line = raw.rstrip(b"\n")
+            if not line.strip():
+                continue
+            try:
+                yield line, json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                yield line, None
+
+
+def _positioned(rec: Any, key: str) -> bool:
+    return isinstance(rec, dict) and type(rec.get(key)) is int and rec[key] >= 0
+
+
+def read_records(path: str, key: str) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines log that carry an integer position ``key`` (``epoch``, ``iteration``); lines that
+    cannot be read (cut short by a kill, damaged bytes, no integer position) are skipped."""
+    if not os.path.isfile(path):
+        return []
+    return [rec for _, rec in _json_lines(path) if _positioned(rec, key)]
+
+
+def trim_records(path: str, key: str, before: int) -> int:
+    """Keep one record per position ``key`` below ``before`` (where a resumed run continues), in order; drop the
+    records a kill left after the checkpoint, duplicates and lines that cannot be read. Returns the lines dropped."""
+    from checkpoint import write_text
+
+    if not os.path.isfile(path):
+        return 0
+    kept: Dict[int, Dict[str, Any]] = {}
+    lines = 0
+    for _, rec in _json_lines(path):
+        lines += 1
+        if _positioned(rec, key) and rec[key] < before:
+            kept[rec[key]] = rec                  # a later record of the same position is the one a checkpoint covers
+    dropped = lines - len(kept)
+    if dropped:
+        write_text(path, "".join(json.dumps(kept[k]) + "\n" for k in sorted(kept)))
+    return dropped
 
 
 def read_log(path: str) -> List[Dict[str, Any]]:
-    """The epoch records of a ``log.jsonl`` (a line cut short by a kill is skipped)."""
-    records = []
-    if not os.path.isfile(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "epoch" in rec:
-                records.append(rec)
-    return records
+    """The epoch records of a ``log.jsonl``."""
+    return read_records(path, "epoch")
 
 
 def trim_log(path: str, next_epoch: int) -> int:
-    """Keep one record per epoch before ``next_epoch`` (the first epoch a resumed run trains), in order; drop the
-    records a kill left after the checkpoint, duplicates and cut-off lines. Returns how many lines were dropped."""
+    """``log.jsonl`` as the checkpoint that continues at ``next_epoch`` covers it (see :func:`trim_records`)."""
+    return trim_records(path, "epoch", next_epoch)
+
+
+def restore_record(path: str, record: Optional[Dict[str, Any]]) -> bool:
+    """Append a checkpoint's copy of its epoch's record when the log lacks it (a write failed, the file was lost)."""
     from checkpoint import write_text
 
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        lines = f.read().splitlines()
-    kept: Dict[int, Dict[str, Any]] = {}
-    for rec in read_log(path):
-        if rec["epoch"] < next_epoch:
-            kept[rec["epoch"]] = rec              # a later record of the same epoch is the one a checkpoint covers
-    out = [json.dumps(kept[e]) for e in sorted(kept)]
-    dropped = len([ln for ln in lines if ln.strip()]) - len(out)
-    if dropped:
-        write_text(path, "".join(line + "\n" for line in out))
-    return dropped
+    if not _positioned(record, "epoch") or any(r["epoch"] == record["epoch"] for r in read_log(path)):
+        return False
+    kept = [r for r in read_log(path) if r["epoch"] < record["epoch"]]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in [*kept, record]))
+    return True
+
+
+def run_totals(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Times of a whole run from its epoch records, over every process that trained it (a resumed run's log holds
+    all its epochs; ``wall_seconds`` restarts at 0 in each process, so its increments are summed)."""
+    train = sum(r.get("train_epoch_seconds", 0.0) for r in records)
+    images = sum(r.get("train_images_per_s", 0.0) * r.get("train_epoch_seconds", 0.0) for r in records)
+    wall, prev, processes = 0.0, None, 0
+    for r in records:
+        w = r.get("wall_seconds", 0.0)
+        if prev is None or w < prev:
+            processes, wall, prev = processes + 1, wall + w, w
+        else:
+            wall, prev = wall + w - prev, w
+    return {"train_seconds": train, "train_compute_seconds": sum(r.get("train_compute_seconds", 0.0) for r in records),
+            "wall_seconds": wall, "images_per_s": images / max(train, 1e-9), "processes": processes}
 
 
 def read_iterations(path: str) -> List[Dict[str, Any]]:
-    """The records of an ``iterations.jsonl`` (a line cut short by a kill is skipped)."""
-    records = []
-    if not os.path.isfile(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("iteration"), int):
-                records.append(rec)
-    return records
+    """The records of an ``iterations.jsonl``."""
+    return read_records(path, "iteration")
 
 
 def trim_iterations(path: str, next_iteration: int) -> int:
-    """Keep one record per global iteration before ``next_iteration`` (the first one a resumed run trains), in
-    order; drop what a kill left after the checkpoint, duplicates and cut-off lines. Returns the lines dropped."""
-    from checkpoint import write_text
-
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    kept: Dict[int, Dict[str, Any]] = {}
-    for rec in read_iterations(path):
-        if rec["iteration"] < next_iteration:
-            kept[rec["iteration"]] = rec
-    dropped = len(lines) - len(kept)
-    if dropped:
-        write_text(path, "".join(json.dumps(kept[i]) + "\n" for i in sorted(kept)))
-    return dropped
+    """``iterations.jsonl`` as the checkpoint that continues at ``next_iteration`` covers it."""
+    return trim_records(path, "iteration", next_iteration)
 
 
 def _is_number(v: Any) -> bool:

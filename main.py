@@ -46,7 +46,8 @@ from datasets import DatasetError, build_loaders, check_num_classes
 from distributed import (DeviceError, DistInfo, any_rank, barrier, cleanup, gather_to_all, init_distributed, rng_state,
                          seed_all, set_rng_state)
 from engine import AmpError, DistillationLoss, NonFiniteLossError, evaluate, resolve_amp, train_one_epoch
-from logger import ITERATIONS, RunLogger, format_seconds, trim_iterations, trim_log
+from logger import (ITERATIONS, LogWriteError, RunLogger, format_seconds, read_log, restore_record, run_totals,
+                    trim_iterations, trim_log)
 from methods import Clock, MethodError, MethodSet
 from models import create_model
 from models.resize import ResizeError, at_input_size, input_size_of, set_input_size
@@ -342,15 +343,17 @@ def check_output(cfg: Config, dist: DistInfo, overwrite: bool) -> None:
     on_main(dist, check)
 
 
-def load_resume(cfg: Config) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
-    """The checkpoint ``resume`` names (``auto``: output_dir/checkpoint.pth when present), read and checked."""
+def load_resume(cfg: Config) -> Tuple[Optional[str], Optional[Dict[str, Any]], Any]:
+    """The checkpoint ``resume`` names (``auto``: output_dir/checkpoint.pth when present), read and checked, and the
+    file's stamp before it was read (the run directory checks it again under the lock)."""
     path = ckpt_io.resume_path(cfg.resume, cfg.output_dir)
     if path is None:
         if cfg.eval and not cfg.finetune:
             raise ConfigError(f"eval: --resume {cfg.resume or '(empty)'} found no checkpoint in {cfg.output_dir}; "
                               f"point --resume at a checkpoint file (e.g. {cfg.output_dir}/best.pth)")
-        return None, None
-    return path, ckpt_io.load_checkpoint(path, "resume")
+        return None, None, None
+    stamp = ckpt_io.file_stamp(path)
+    return path, ckpt_io.load_checkpoint(path, "resume"), stamp
 
 
 def build_model(cfg: Config, nb_classes: int, methods: MethodSet, img_size: Optional[int] = None) -> nn.Module:
@@ -470,11 +473,11 @@ def share_lr_bounds(optimizer) -> None:
         group["lr"] = group["lr"] * group.pop("lr_scale", 1.0)
 
 
-def restore(r: Run, path: str, ckpt: Dict[str, Any]) -> None:
+def restore(r: Run, path: str, ckpt: Dict[str, Any], stamp: Any = None) -> None:
     """Continue from a checkpoint: weights, optimizer state (unless ``resume_optimizer: false``, with the config's
     hyper-parameters), scaler, position, best record; one line per config key that changed since it was written."""
     cfg, log = r.cfg, r.log
-    rs = ckpt_io.resume_state(ckpt, path)
+    rs = ckpt_io.resume_state(ckpt, path, stamp)
     saved_size = (ckpt.get("clock") or {}).get("input_size")
     if r.resizing and saved_size:
         set_input_size(r.model, int(saved_size), [r.optimizer])   # the size it was saved at, before weights and moments load
@@ -575,7 +578,7 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     """Every part of the run, in the order that lets each mistake stop it before anything is written."""
     r = Run(cfg, dist, log, best={"acc1": -1.0, "epoch": -1, "on": cfg.best_on})
     r.amp_dtype = resolve_amp(cfg.amp, dist.device)
-    resume_file, ckpt = load_resume(cfg)
+    resume_file, ckpt, stamp = load_resume(cfg)
     seed_all(cfg.seed + dist.rank)
     r.methods = MethodSet.from_config(cfg)
     every_epoch = [settings_at(cfg, r.methods, e) for e in range(cfg.total_epochs())]
@@ -605,7 +608,7 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
                 set_input_size(r.model, int(saved_size))
             ckpt_io.load_weights_strict(r.model, ckpt_io.model_state(ckpt), f"resume {resume_file}")
         else:
-            restore(r, resume_file, ckpt)
+            restore(r, resume_file, ckpt, stamp)
     wrap(r, ckpt, resume_file)
     if r.resume is not None:        # here, so that a state a method cannot continue refuses before anything is written
         r.methods.load_state_dict(ckpt.get("methods") or {})     # (a mid-epoch state loads again at its epoch's start)
@@ -726,6 +729,10 @@ def open_run_dir(r: Run, overwrite: bool) -> Optional[ckpt_io.RunLock]:
                               f"pick another --output_dir") from None
 
     def prepare():
+        # decided again under the lock: another run may have written here since the checks before it
+        ckpt_io.refuse_existing_run(out, resuming=bool(cfg.resume), overwrite=overwrite)
+        if not overwrite:
+            ckpt_io.check_unchanged(out, r.resume)
         if overwrite and ckpt_io.run_files(out):
             ckpt_io.clear_run(out)
             r.log.info(f"--overwrite: removed the previous run's outputs in {out}")
@@ -734,8 +741,11 @@ def open_run_dir(r: Run, overwrite: bool) -> Optional[ckpt_io.RunLock]:
             if ckpt_io.reconcile_best(own, os.path.join(out, "best.pth"), r.resume.ckpt):
                 r.log.info("best.pth: relinked to checkpoint.pth, which records itself as the best epoch")
         dropped = trim_log(os.path.join(out, "log.jsonl"), r.start.epoch)
+        if r.resume is not None and restore_record(os.path.join(out, "log.jsonl"), r.resume.ckpt.get("log_record")):
+            r.log.info(f"log.jsonl: wrote back the record of epoch {r.start.epoch} from the checkpoint (it was lost)")
         if dropped:
-            r.log.info(f"log.jsonl: dropped {dropped} record(s) of epochs the checkpoint does not cover")
+            r.log.info(f"log.jsonl: dropped {dropped} line(s): records of epochs the checkpoint does not cover, "
+                       f"repeated, or unreadable")
         dropped = trim_iterations(os.path.join(out, ITERATIONS), r.start.global_step)
         if dropped:
             r.log.info(f"{ITERATIONS}: dropped {dropped} record(s) of iterations the checkpoint does not cover")
@@ -780,8 +790,10 @@ def begin_epoch(r: Run, epoch: int, global_step: int) -> Tuple[Optional[list], i
                           "on_start": lambda: set_rng_state(mine["rng"])}
 
 
-def checkpoint_state(r: Run, last_done: int, at: Position, methods_state, mid=None) -> Dict[str, Any]:
-    return {"model": r.model.state_dict(),
+def checkpoint_state(r: Run, last_done: int, at: Position, methods_state, mid=None, record=None) -> Dict[str, Any]:
+    """What ``checkpoint.pth`` holds; ``record``: the finished epoch's ``log.jsonl`` record (a resume writes it back
+    when the log lost it)."""
+    return {"log_record": record, "model": r.model.state_dict(),
             "model_ema": r.model_ema.module.state_dict() if r.model_ema is not None else None,
             "optimizer": r.optimizer.state_dict(), "lr_scheduler": r.scheduler.state_dict(),
             "scaler": r.scaler.state_dict() if r.scaler is not None else None,
@@ -845,7 +857,12 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
               **({f"val_ema_{k}": v for k, v in val_ema.items()} if val_ema else {}),
               **{f"val_{suffix}_{k}": v for suffix, s in val_extra.items() for k, v in s.items()},
               "best_acc1": r.best["acc1"], "n_parameters": r.n_params, "wall_seconds": time.perf_counter() - wall_start}
-    log.log_epoch(record)
+    try:
+        log.log_epoch(record)
+    except LogWriteError as e:        # the checkpoint first: a logging failure must not cost the training state
+        unlogged: Optional[LogWriteError] = e
+    else:
+        unlogged = None
     log.info(f"Epoch {epoch + 1}/{cfg.total_epochs()}: train loss {stats['loss']:.4f} | val top-1 {val['acc1']:.2f}"
              + (f" | EMA top-1 {val_ema['acc1']:.2f}" if val_ema else "")
              + "".join(f" | {suffix} top-1 {s['acc1']:.2f}" for suffix, s in val_extra.items())
@@ -855,14 +872,32 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
     methods_state = r.methods.state_dict()       # on every rank: a method may gather its per-rank state here
     stopping = stop.requested(dev)
     if r.dist.is_main and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.total_epochs() or improved
-                            or stopping):
+                            or stopping or unlogged is not None):
         out = cfg.output_dir
-        state = checkpoint_state(r, epoch, Position(epoch + 1, 0, global_step), methods_state)
+        state = checkpoint_state(r, epoch, Position(epoch + 1, 0, global_step), methods_state, record=record)
         ckpt_io.save_checkpoint(state, os.path.join(out, "checkpoint.pth"))
         if improved:           # after checkpoint.pth: best.pth is never newer than the best epoch it records
             ckpt_io.link_best(os.path.join(out, "checkpoint.pth"), os.path.join(out, "best.pth"))
     barrier()
+    if any_rank(unlogged is not None, dev):
+        raise RunDirError(f"{unlogged}; the epoch's checkpoint is saved: free space (or restore the directory) and "
+                          f"continue with --resume auto") if unlogged else PeerStopped()
     return record, stopping
+
+
+def check_finite_weights(r: Run, epoch: int, global_step: int) -> None:
+    """Stop before a non-finite model or EMA can be evaluated, logged or saved over the last good checkpoint (a
+    finite loss does not prove the update that followed it finite)."""
+    for who, model in (("model", r.model), ("EMA", r.model_ema.module if r.model_ema is not None else None)):
+        if model is None:
+            continue
+        norms = torch._foreach_norm([p.detach() for p in model.parameters()])
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            bad = next(n for (n, _), v in zip(model.named_parameters(), norms) if not torch.isfinite(v))
+            raise NonFiniteLossError(
+                f"the {who}'s weights are not finite after epoch {epoch + 1} (global iteration {global_step}; "
+                f"e.g. {bad}): stopped without saving; the last checkpoint is intact: resume it with a lower --lr "
+                f"or --clip_grad")
 
 
 def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
@@ -878,7 +913,7 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
     r.scheduler.step(lr_epoch(cfg, r.start.epoch))
     global_step = r.start.global_step
     wall_start = time.perf_counter()
-    train_seconds, compute_seconds, images_seen, history = 0.0, 0.0, 0, []
+    history = []
     stop.armed = True
     for epoch in range(r.start.epoch, cfg.total_epochs()):
         apply_recipe(r, epoch)
@@ -893,31 +928,33 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
             input_size=r.settings.input_size if r.resizing else None, set_lr=lr_setter(r, epoch),
             epoch_iters=trained_iterations(r, r.settings, done + len(r.train_loader)), **resumed)
         global_step = epoch_start_step + stats["iters"]
+        check_finite_weights(r, epoch, global_step)          # before anything of this epoch is evaluated or saved
         if "stopped_at" in stats:
             save_mid_epoch(r, epoch, stats, subset, global_step, stop)
         r.scheduler.step(lr_epoch(cfg, epoch + 1))
-        train_seconds += stats["epoch_seconds"]
-        compute_seconds += stats["compute_seconds"]
-        images_seen += (stats["iters"] - done) * r.settings.batch_size * dist.world_size
         record, stopping = end_epoch(r, epoch, stats, subset, global_step, wall_start, stop)
         history.append(record)
-        if stopping:
+        if stopping and epoch + 1 < cfg.total_epochs():      # a signal during the last epoch: the run is done
             raise Stopped(f"stopped by {stop.name} after epoch {epoch + 1}/{cfg.total_epochs()}: saved "
                           f"{os.path.join(cfg.output_dir, 'checkpoint.pth')}; continue with --resume auto")
-    return finish(r, history, time.perf_counter() - wall_start, train_seconds, images_seen, compute_seconds)
+    return finish(r, history)
 
 
-def finish(r: Run, history: List[Dict[str, Any]], wall: float, train_seconds: float, images_seen: int,
-           compute_seconds: float = 0.0) -> Dict[str, Any]:
+def finish(r: Run, history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """``summary.json`` of the whole run: its last epoch, best epoch and times over every process that trained it
+    (read back from ``log.jsonl``, which a resumed run keeps as one uninterrupted run's)."""
     log, out = r.log, r.cfg.output_dir
-    summary = {"final": history[-1] if history else None, "best": r.best, "wall_seconds": wall,
-               "train_seconds": train_seconds, "train_compute_seconds": compute_seconds, "images_per_s": images_seen / max(train_seconds, 1e-9),
-               "methods": r.methods.summary(), "output_dir": os.path.abspath(out)}
-    if r.dist.is_main and history:
+    records = read_log(os.path.join(out, "log.jsonl")) if r.dist.is_main else history
+    records = records or history
+    summary = {"final": records[-1] if records else None, "best": r.best, "epochs": len(records),
+               **run_totals(records), "methods": r.methods.summary(), "output_dir": os.path.abspath(out)}
+    if r.dist.is_main and records:
         ckpt_io.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
-        last = history[-1]
+        last = records[-1]
         log.info("=" * 78)
-        log.info(f"done: {len(history)} epochs in {format_seconds(wall)} ({summary['images_per_s']:.0f} train img/s)")
+        log.info(f"done: {len(records)} epochs in {format_seconds(summary['wall_seconds'])}"
+                 + (f" over {summary['processes']} processes" if summary["processes"] > 1 else "")
+                 + f" ({summary['images_per_s']:.0f} train img/s)")
         log.info(f"final val top-1 {last['val_acc1']:.2f}" + (f", EMA {last['val_ema_acc1']:.2f}" if "val_ema_acc1" in last else "")
                  + f"; best ({r.best['on']}) {r.best['acc1']:.2f} at epoch {r.best['epoch'] + 1}")
         if len(r.methods):
@@ -937,13 +974,15 @@ def run(cfg: Config, dist: DistInfo, overwrite: bool = False, stop: Optional[Sto
         r = build(cfg, dist, log)
         if cfg.eval:
             return evaluate_only(r)
-        if r.start.epoch >= cfg.total_epochs():
+        done = r.start.epoch >= cfg.total_epochs()
+        if done:
             log.info(f"nothing to train: the checkpoint has finished {r.start.epoch} of {cfg.total_epochs()} epochs "
                      f"(raise --epochs to train longer)")
-            return {"final": None, "best": r.best}
+            if os.path.isfile(os.path.join(cfg.output_dir, "summary.json")):
+                return {"final": None, "best": r.best}
         lock = open_run_dir(r, overwrite)
-        try:
-            return train(r, stop)
+        try:                     # (a finished run that stopped before its summary was written gets it now)
+            return finish(r, []) if done else train(r, stop)
         finally:
             log.close()
             if lock is not None:

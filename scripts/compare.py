@@ -30,6 +30,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from config import ConfigError, load_config, save_config, validate  # noqa: E402
+from logger import run_totals  # noqa: E402
 from methods import MethodError, MethodSet, parse_combination  # noqa: E402
 
 
@@ -58,21 +59,11 @@ def run_metrics(run: Dict[str, Any]) -> Dict[str, Any]:
     log = run["log"]
     acc = [r["val_acc1"] for r in log]
     ema = [r["val_ema_acc1"] for r in log if "val_ema_acc1" in r]
-    train = []
-    total = 0.0
-    for r in log:
-        total += r["train_epoch_seconds"]
-        train.append(total)
-    # wall_seconds restarts at 0 in a resumed process: sum the per-process increments
-    wall, prev, elapsed = 0.0, 0.0, []
-    for r in log:
-        w = r["wall_seconds"]
-        wall += w - prev if w >= prev else w
-        prev = w
-        elapsed.append(wall)
+    elapsed = [run_totals(log[:i + 1]) for i in range(len(log))]      # wall_seconds restarts in a resumed process
     return {"epochs": len(log), "final_acc1": acc[-1], "best_acc1": max(acc),
             "final_ema_acc1": ema[-1] if ema else None, "best_ema_acc1": max(ema) if ema else None,
-            "train_seconds": total, "wall_seconds": wall, "train_elapsed": train, "wall_elapsed": elapsed,
+            "train_seconds": elapsed[-1]["train_seconds"], "wall_seconds": elapsed[-1]["wall_seconds"],
+            "train_elapsed": [t["train_seconds"] for t in elapsed], "wall_elapsed": [t["wall_seconds"] for t in elapsed],
             "acc1": acc, "ema_acc1": ema}
 
 
@@ -202,9 +193,13 @@ def save(result: Dict[str, Any], out_dir: str) -> str:
 
 # --------------------------------------------------------------------------------------------------- running
 def finished(run_dir: str, epochs: int) -> bool:
+    """The run's final state is on disk: ``summary.json`` (written after the last epoch's checkpoint) for all
+    ``epochs``. The log is not enough: a run killed after its last record and before its final checkpoint is not
+    finished."""
     try:
-        return read_run(run_dir)["log"][-1]["epoch"] + 1 >= epochs
-    except (FileNotFoundError, ValueError):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)["final"]["epoch"] + 1 >= epochs
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -226,7 +221,7 @@ def train_entries(cfg, entries: List[str], seeds: int, out: str, launcher: str) 
             run_dir = os.path.join(out, entry if seeds == 1 else f"{entry}_seed{run_cfg.seed}")
             run_cfg.output_dir = run_dir
             dirs.setdefault(entry, []).append(run_dir)
-            if finished(run_dir, run_cfg.epochs):
+            if finished(run_dir, run_cfg.total_epochs()):
                 print(f"{run_dir}: finished, reading it", flush=True)
                 continue
             os.makedirs(out, exist_ok=True)
