@@ -126,6 +126,7 @@ class Config:
     mixup: float = 0.8                         # mixup alpha (0: off)
     cutmix: float = 1.0                        # cutmix alpha (0: off)
     cutmix_minmax: Optional[List[float]] = None   # cutmix box ratio range (overrides cutmix alpha)
+    cutmix_box: str = "timm"                   # timm: timm 1.x's box (a side of odd length c cut in full) | published: timm < 1.0's, which every published code ran (c - 1 px)
     mixup_prob: float = 1.0                    # probability of mixing a batch
     mixup_switch_prob: float = 0.5             # probability of cutmix instead of mixup when both are on
     mixup_mode: str = "batch"                  # batch | pair | elem: how mixing parameters are drawn
@@ -189,6 +190,7 @@ CHOICES = {
     "repeated_aug_single": ("always", "published"),
     "epoch_updates": ("loader", "images"),
     "layer_decay_bounds": ("scaled", "shared"),
+    "cutmix_box": ("timm", "published"),
 }
 NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
                 "mixup", "cutmix", "model_ema_decay", "clip_grad", "color_jitter", "opt_eps", "decay_epochs",

@@ -413,11 +413,13 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+    from cutmix import PublishedBoxMixup
+
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
         if cfg.batch_size % 2:
             raise ConfigError(f"batch_size: {cfg.batch_size} must be even when mixup/cutmix is on")
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+        mixup_fn = (PublishedBoxMixup if cfg.cutmix_box == "published" else Mixup)(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
                          prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
                          label_smoothing=cfg.smoothing, num_classes=nb_classes)
         base = SoftTargetCrossEntropy()

@@ -343,21 +343,27 @@ def test_tiny_launches_fail_with_a_deviation_option(ref, option, reported):
         compare_steps(ref["steps"], tiny_run(ref, *option))
 
 
-def test_cutmix_box_of_odd_sides_differs_from_the_published(ref):
-    """A known difference, kept out of the step draws (``generate_et.py`` seeds only mixups and cutmix boxes of even
-    sides, where both agree): timm >= 1.0 (this project's ``build_criterion``) cuts a box of odd side ``c`` in full
-    (``cy + (c + 1) // 2``), the published timm 0.9.2 one pixel short (``cy + c // 2``); the mixed targets follow the
-    box (``correct_lam``). Here both sides of the box are odd, so ours is one pixel taller and wider."""
+def odd_cutmix(ref, *overrides):
+    """The run's mixup on the fixture's published cutmix draw whose box has two odd sides."""
     odd = ref["steps"]["cutmix_odd"]
-    cfg = steps.table_config(CONFIG, *tiny_overrides(ref["steps"]))
+    cfg = steps.table_config(CONFIG, *tiny_overrides(ref["steps"]), *overrides)
     _, mixup = entry.build_criterion(cfg, ref["steps"]["num_classes"], CPU)
     x = ref["steps"]["images"][:2].float() / 64 - 2
     np.random.seed(odd["seed"])
     mixed, target = mixup(x.clone(), odd["labels"].clone())
+    return x, mixed, target
+
+
+def test_cutmix_box_of_odd_sides_is_the_published_one(ref):
+    """The published timm 0.9.2 cuts a box of odd side ``c`` one pixel short (``cy + c // 2``), the mixed targets
+    following the box (``correct_lam``): the table configs' ``cutmix_box: published``. timm >= 1.0 cuts it in full
+    (``cy + (c + 1) // 2``): ``cutmix_box: timm`` is one pixel taller and wider, and its targets differ."""
+    odd = ref["steps"]["cutmix_odd"]
+    x, mixed, target = odd_cutmix(ref)
+    assert torch.equal(mixed, odd["mixed"]) and torch.allclose(target, odd["target"], rtol=0, atol=1e-7)
     box = lambda m: (m[0] != x[0]).any(dim=0)                      # noqa: E731  (where image 0 took image 1's pixels)
-    ours, pub = box(mixed), box(odd["mixed"])
     rows, cols = lambda b: int(b.any(dim=1).sum()), lambda b: int(b.any(dim=0).sum())     # noqa: E731
-    assert (rows(pub), cols(pub)) == (odd["cut_h"] - 1, odd["cut_w"] - 1)
-    assert (rows(ours), cols(ours)) == (odd["cut_h"], odd["cut_w"])
-    assert bool((ours | pub).eq(ours).all())                       # the published box inside ours
-    assert not torch.allclose(target, odd["target"])
+    assert (rows(box(mixed)), cols(box(mixed))) == (odd["cut_h"] - 1, odd["cut_w"] - 1)
+    _, mixed_timm, target_timm = odd_cutmix(ref, "--cutmix_box", "timm")
+    assert (rows(box(mixed_timm)), cols(box(mixed_timm))) == (odd["cut_h"], odd["cut_w"])
+    assert not torch.allclose(target_timm, odd["target"])
