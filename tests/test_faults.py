@@ -304,7 +304,7 @@ def test_full_disk_keeps_the_old_checkpoint_and_resume_trims_the_log(tree, stopp
     assert [r["epoch"] for r in read_log(out)] == [0, 1]      # written before the failed save
     monkeypatch.undo()
     assert run(tree, out, "--resume", "auto") == 0
-    assert "log.jsonl: dropped 1 record" in capsys.readouterr().out
+    assert "log.jsonl: dropped 1 line(s)" in capsys.readouterr().out
     assert_consistent(out, 2)
     assert_same_weights(reference, out)
 
