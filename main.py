@@ -518,6 +518,12 @@ def restore(r: Run, path: str, ckpt: Dict[str, Any], stamp: Any = None) -> None:
             continue
         note = " (the lr schedule is rebuilt with it)" if key in SCHEDULE_KEYS else ""
         log.info(f"resume: {key} changed from {old.get(key)!r} to {new.get(key)!r}{note}")
+    saved = (ckpt.get("clock") or {}).get("world_size")
+    if saved and saved != r.dist.world_size:
+        per = cfg.batch_size * cfg.grad_accum_steps
+        log.info(f"resume: processes changed from {saved} to {r.dist.world_size}: global batch {per * saved} -> "
+                 f"{per * r.dist.world_size}, lr {scaled_lr(cfg, saved):.3e} -> {r.lr:.3e}"
+                 + (" (unscale_lr: as given)" if cfg.unscale_lr else " (linear rule; the lr schedule is rebuilt)"))
 
 
 def check_mid_epoch(r: Run, rs: ResumeState) -> None:
@@ -801,7 +807,7 @@ def checkpoint_state(r: Run, last_done: int, at: Position, methods_state, mid=No
             "scaler": r.scaler.state_dict() if r.scaler is not None else None,
             "epoch": last_done, "global_step": at.global_step,
             "clock": {"epoch": at.epoch, "step": at.step, "global_step": at.global_step,
-                      "iters_per_epoch": r.iters_per_epoch,
+                      "iters_per_epoch": r.iters_per_epoch, "world_size": r.dist.world_size,
                       **({"input_size": input_size_of(r.model)} if r.resizing else {})},
             "mid_epoch": mid, "methods": methods_state, "best": r.best, "config": r.cfg.to_dict(),
             "version": ckpt_io.VERSION}

@@ -216,3 +216,17 @@ def test_a_damaged_log_is_trimmed_in_one_line_and_the_run_resumes(tree, tmp_path
     lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("log.jsonl:")]
     assert len(lines) == 1 and "dropped 2 line(s)" in lines[0]
     assert_consistent(out, 2)
+
+
+def test_a_changed_process_count_is_said_with_the_other_resume_changes(tree, tmp_path, capfd):
+    out = tmp_path / "run"
+    assert run(tree, out, "--epochs", "1") == 0
+    ckpt = load(out / "checkpoint.pth")
+    assert ckpt["clock"]["world_size"] == 1
+    ckpt["clock"]["world_size"] = 2                                   # as if written by a run on two processes
+    torch.save(ckpt, out / "checkpoint.pth")
+    capfd.readouterr()
+    assert run(tree, out, "--epochs", "2", "--resume", "auto") == 0
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("resume: processes")]
+    assert lines == ["resume: processes changed from 2 to 1: global batch 32 -> 16, lr 5.000e-04 -> 2.500e-04 "
+                     "(linear rule; the lr schedule is rebuilt)"]
