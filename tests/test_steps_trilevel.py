@@ -96,13 +96,11 @@ def watch_sites(model, sites, log):
 
     def hook(m, i, o):
         for b in sites:
-            index = positions.sites.get(b + 0.5)
+            index, mask = positions.sites.get(b + 0.5), state.masks.get(b)
             log["kept"].setdefault(b, []).append(None if index is None else index[:, 1:] - 1)
-            mask = state.masks.get(b)
-            k = None if index is None else index.shape[1]
-            log["masks"].setdefault(b, []).append(
-                None if b not in state.masks else (mask.bool() if mask is not None else torch.ones(o.shape[0], k, k,
-                                                                                                    dtype=torch.bool)))
+            if b in state.masks and mask is None:        # all ones: ours skips the product with it
+                mask = torch.ones(o.shape[0], index.shape[1], index.shape[1])
+            log["masks"].setdefault(b, []).append(None if mask is None else mask.bool())
     return model.register_forward_hook(hook)
 
 
@@ -172,6 +170,7 @@ def assert_sites(got, step, what: str) -> None:
     for b in step["sites"]:
         kept = got["kept"][b]
         assert all(k is not None for k in kept), f"{what}: no patches kept at block {b}"
+        assert all(m is not None for m in got["masks"][b]), f"{what}: no connection mask made at block {b}"
         assert torch.equal(torch.stack(kept), step["kept"][b]), f"{what}: kept patches differ at block {b}"
         assert torch.equal(torch.stack(got["masks"][b]), step["masks"][b]), f"{what}: masks differ at block {b}"
 
