@@ -13,8 +13,10 @@ Tri-Level method and engine:
   ratios (1, 1), where the published model still reorders the patches and runs its masked attention;
 * each table config's whole run (300 epochs, 4 x 512): lr of every epoch, updates per epoch, and both ratios at the
   first, second, middle and last update of every epoch;
-* the example level on each of the 4 processes: the initial split, then five swaps on a fixed presentation stream
-  (removed and restored examples, the training list after each), and the order numpy's quicksort gives tied counts;
+* the example level on each of the 4 processes at ImageNet's size: the initial split, then the swaps on a fixed
+  presentation stream (96 examples per 30-epoch window, ``remove_n`` 12 in place of the table's 64058, which would
+  remove every presented one): the ranking, the pool as shuffled, the removed and restored examples, the training
+  list after each; and the order numpy's quicksort gives tied forgetting counts;
 * each documented option that leaves the published behaviour (``sched_step: timm``, ``amp: bf16``,
   ``trilevel.dense_warmup``, ``trilevel.sync: global``, ``trilevel.sort_kind: stable``) breaks its comparison.
 
