@@ -143,7 +143,8 @@ def swap_subsets(train_ids: np.ndarray, pool_ids: np.ndarray, removed: np.ndarra
     shuffled = np.array(pool_ids, dtype=np.int64, copy=True)
     np.random.RandomState(seed).shuffle(shuffled)
     restored = shuffled[keep_lowest_n:keep_lowest_n + remove_n]
-    train = np.concatenate([np.setdiff1d(train_ids, removed), restored]).astype(np.int64)
+    kept = np.sort(train_ids[~np.isin(train_ids, removed)])      # np.setdiff1d of unique ids, without its slow unique
+    train = np.concatenate([kept, restored]).astype(np.int64)
     pool = np.concatenate([shuffled[keep_lowest_n + remove_n:], removed]).astype(np.int64)
     return train, pool, restored, shuffled[:keep_lowest_n]
 
