@@ -23,10 +23,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import socket
 import time
-import re
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -188,7 +188,8 @@ def _load_weights_only(path: str) -> Tuple[Any, List[str]]:
     class is let through, for this load only. Any other unknown class (found in the refusal) is read as an
     ``OrderedDict`` of its items and attributes (``copyreg``'s protocol-2 form: a new empty object, its items, its
     ``__dict__``); nothing of that class runs. A file whose unknown global is a function, or whose object does not
-    fit that form (it is rebuilt from constructor arguments), is still refused, with the first refusal. Returns the checkpoint and the classes read as plain data."""
+    fit that form (it is rebuilt from constructor arguments), is still refused, with the first refusal. Returns the
+    checkpoint and the classes read as plain data."""
     allowed: list = [argparse.Namespace]
     opaque: List[str] = []
     refusal: Optional[Exception] = None          # the first refusal: what is raised if standing in does not work
@@ -199,18 +200,20 @@ def _load_weights_only(path: str) -> Tuple[Any, List[str]]:
             break
         except Exception as e:  # noqa: BLE001
             m = _UNSUPPORTED.search(str(e))
-            if m is None or m.group(1) in opaque or len(opaque) >= _MAX_OPAQUE_CLASSES or _is_callable_global(m.group(1)):
+            name = m.group(1) if m else None
+            if name is None or name in opaque or len(opaque) >= _MAX_OPAQUE_CLASSES or _is_callable_global(name):
                 raise (refusal or e) from None
             refusal = refusal or e
-            opaque.append(m.group(1))
-            allowed.append((OrderedDict, m.group(1)))
+            opaque.append(name)
+            allowed.append((OrderedDict, name))
     if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt["args"] = vars(ckpt["args"])          # plain data from here on
     return ckpt, opaque
 
 
 def _is_callable_global(name: str) -> bool:
-    """A global that names a function rather than a class (by convention: a lower-case last part): never stood in for."""
+    """A global that names a function rather than a class (by convention, a lower-case last part): never stood in
+    for."""
     return not name.rpartition(".")[2][:1].isupper()
 
 
@@ -228,8 +231,8 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> Dict[str, Any]:
     try:
         ckpt, opaque = _load_weights_only(path)
     except Exception as e:  # noqa: BLE001 -- a truncated, foreign or unsafe file
-        unsafe = [line.strip() for line in str(e).splitlines()
-                  if any(w in line.lower() for w in ("unsupported global", "trying to load", "trying to call", "can only"))]
+        refused = ("unsupported global", "trying to load", "trying to call", "can only")
+        unsafe = [line.strip() for line in str(e).splitlines() if any(w in line.lower() for w in refused)]
         if unsafe:
             reason = unsafe[0].split(". ")[0].replace("WeightsUnpickler error: ", "")
             raise CheckpointError(f"{what}: {path} was refused because loading it would run pickled code ({reason}); "
