@@ -284,9 +284,19 @@ def _build(cls, data: Dict[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
+def method_sections() -> Dict[str, type]:
+    """The registered methods by section name; a method named like a config key of its own cannot have a section."""
+    methods = registry()
+    own_keys = {f.name for f in dataclasses.fields(Config)}
+    for name in methods:
+        if name in own_keys:
+            raise ValueError(f"method name '{name}' is a config key already; a section needs a name of its own")
+    return methods
+
+
 def _build_config(data: Dict[str, Any]) -> Config:
     """The top level: Config's own keys, plus one section per registered method (``toe:`` ...)."""
-    methods = registry()
+    methods = method_sections()
     own, sections = {}, {}
     for key, value in data.items():
         if key in methods:

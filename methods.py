@@ -311,10 +311,6 @@ def register_method(cls: Type[Method]) -> Type[Method]:
     """Class decorator: make ``cls`` the method of config section ``cls.name``."""
     if not cls.name or not cls.name.isidentifier():
         raise TypeError(f"{cls.__name__}.name must be an identifier: it is the config section")
-    import dataclasses
-    from config import Config                  # late: config imports this module
-    if cls.name in {f.name for f in dataclasses.fields(Config)}:
-        raise ValueError(f"method name '{cls.name}' is a config key already; a section needs a name of its own")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"a method named '{cls.name}' is already registered ({_REGISTRY[cls.name].__qualname__})")
     _REGISTRY[cls.name] = cls
