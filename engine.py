@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -129,15 +130,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     if criterion is not None:
         criterion.train()
     methods = methods if methods is not None else MethodSet([])
-    resumed = resumed or {}
     num_iters = start_step + len(loader)
     if epoch_iters is not None:
         num_iters = min(num_iters, epoch_iters)
-    loss_meter = AverageMeter()
-    loss_meter.sum, loss_meter.count = resumed.get("loss_sum", 0.0), resumed.get("loss_count", 0)
-    meter = Throughput(num_iters, start_step, resumed.get("images", 0), resumed.get("seconds", 0.0))
-    data_time, skipped = resumed.get("data_seconds", 0.0), resumed.get("skipped", 0)
-    compute_time = resumed.get("compute_seconds", 0.0)     # forward, backward, step, EMA: no loader wait, no eval
+    run = _Epoch(model, criterion, optimizer, device, epoch, num_epochs, log, methods, num_iters, amp_dtype=amp_dtype,
+                 scaler=scaler, model_ema=model_ema, mixup_fn=mixup_fn, clip_grad=clip_grad, accum_steps=accum_steps,
+                 print_freq=print_freq, world_size=world_size, log_every=log_every, global_step=global_step,
+                 clock_period=iters_per_epoch or num_iters, input_size=input_size, set_lr=set_lr)
+    run.resume(resumed or {}, start_step)
     batches = iter(loader)
     if on_start is not None:
         on_start()
@@ -146,73 +146,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     t_data = time.perf_counter()
     try:
         for it, batch in enumerate(itertools.islice(batches, max(num_iters - start_step, 0)), start=start_step):
-            t_compute = time.perf_counter()
-            data_time += t_compute - t_data
-            if methods.per_step:
-                methods.on_step(Clock(epoch, it, global_step + it, iters_per_epoch or num_iters, num_epochs))
-            if set_lr is not None and it % accum_steps == 0:
-                set_lr(it // accum_steps)
-            *data, indices = batch
-            skipped += loader.batch_size - len(indices)       # images left out (skip_bad_images)
-            images = data[0].to(device, non_blocking=True)
-            # (images, class) or, with token labels, (images, class, label map): the criterion gets the rest as targets
-            targets = to_device(data[1] if len(data) == 2 else tuple(data[1:]), device)
-            labels = targets if torch.is_tensor(targets) else targets[0]
-            if input_size is not None and images.shape[-1] != input_size:
-                images = methods.resize_images(images, input_size)
-            if mixup_fn is not None:
-                images, targets = mixup_fn(images, targets)
-            update = (it + 1) % accum_steps == 0 or it + 1 == num_iters
-            logged = log_every and log.enabled and (global_step + it) % log_every == 0
-            sync_ctx = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
-            with sync_ctx:
-                with autocast(device, amp_dtype):
-                    outputs = model(images)
-                    loss = criterion(images, outputs, targets)
-                loss_value = loss.item()      # a host sync per step, as in DeiT: it is what catches a NaN at once
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch} iteration {it}: stopping; the last "
-                                             f"checkpoint was written before this epoch and is intact")
-                scaled = loss / accum_steps
-                if scaler is not None:
-                    scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-            if methods.observers:
-                methods.observe(ExampleBatch(indices, _class_logits(outputs).detach().float(), labels, targets))
-            grad_norm = None
-            if update:
-                if scaler is not None and (clip_grad is not None or logged):
-                    scaler.unscale_(optimizer)          # step() would unscale the same way: only the order moves
-                if clip_grad is not None:
-                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                elif logged:
-                    grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if model_ema is not None:
-                    model_ema.update(model)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)          # the step's kernels belong to its compute time
-            compute_time += time.perf_counter() - t_compute
-            loss_meter.update(loss_value, images.shape[0])
-            meter.step(images.shape[0] * world_size)
-            lr = optimizer.param_groups[0]["lr"]
-            if it % print_freq == 0 or it + 1 == num_iters or log.live:
-                state = methods.progress()
-                log.progress(f"Epoch [{epoch + 1}/{num_epochs}] [{it + 1}/{num_iters}] eta {format_seconds(meter.eta(it + 1))} "
-                             f"loss {loss_value:.4f} ({loss_meter.avg:.4f}) lr {lr:.3e} {meter.rate():.1f} img/s"
-                             + (f" {state}" if state else ""), final=it + 1 == num_iters)
-            if logged:
-                log.log_iteration(iteration_record(epoch, it, global_step + it, loss_value, loss_meter.avg,
-                                                   optimizer, grad_norm, meter.elapsed(), methods))
-            elif not log_every and it % print_freq == 0:
-                log.scalar("iter/loss", loss_value, global_step + it)
-                log.scalar("iter/lr", lr, global_step + it)
+            update = run.step(it, batch, loader.batch_size, t_data)
             if update and it + 1 < num_iters and should_stop is not None and should_stop():
                 stopped_at = it + 1
                 break
@@ -221,16 +155,148 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-    progress = {"loss_sum": loss_meter.sum, "loss_count": loss_meter.count, "images": meter.images,
-                "seconds": meter.elapsed(), "data_seconds": data_time, "compute_seconds": compute_time,
-                "skipped": skipped}
-    if stopped_at is not None:
-        return {"stopped_at": stopped_at, "iters": stopped_at, "progress": progress}
-    total, count, skipped = all_reduce_sum([loss_meter.sum, loss_meter.count, skipped], device)
-    return {"loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"], "images_per_s": meter.rate(),
-            "epoch_seconds": meter.elapsed(), "data_seconds": data_time, "compute_seconds": compute_time,
-            "iters": num_iters,
-            "skipped_images": int(skipped)}
+    return run.result(stopped_at)
+
+
+@dataclass
+class _Epoch:
+    """One training epoch of :func:`train_one_epoch`: its settings, and the running figures of the epoch (a resumed
+    epoch starts from those its first part left, :meth:`resume`). :meth:`step` trains one micro-batch."""
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    epoch: int
+    num_epochs: int
+    log: RunLogger
+    methods: MethodSet
+    num_iters: int
+    amp_dtype: Optional[torch.dtype] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    model_ema: Any = None
+    mixup_fn: Optional[Callable] = None
+    clip_grad: Optional[float] = None
+    accum_steps: int = 1
+    print_freq: int = 20
+    world_size: int = 1
+    log_every: int = 0
+    global_step: int = 0
+    clock_period: int = 1                       # the methods' iterations per epoch (Clock)
+    input_size: Optional[int] = None
+    set_lr: Optional[Callable[[int], None]] = None
+
+    def resume(self, resumed: Dict[str, Any], start_step: int) -> None:
+        """The running figures: zero, or what the first part of a resumed epoch left."""
+        self.loss_meter = AverageMeter()
+        self.loss_meter.sum, self.loss_meter.count = resumed.get("loss_sum", 0.0), resumed.get("loss_count", 0)
+        self.meter = Throughput(self.num_iters, start_step, resumed.get("images", 0), resumed.get("seconds", 0.0))
+        self.data_time, self.skipped = resumed.get("data_seconds", 0.0), resumed.get("skipped", 0)
+        self.compute_time = resumed.get("compute_seconds", 0.0)  # forward, backward, step, EMA: no loader wait, no eval
+
+    def step(self, it: int, batch, batch_size: int, t_data: float) -> bool:
+        """Train micro-batch ``it`` (the loader handed it over at ``t_data``); returns whether the optimizer stepped."""
+        t_compute = time.perf_counter()
+        self.data_time += t_compute - t_data
+        if self.methods.per_step:
+            self.methods.on_step(Clock(self.epoch, it, self.global_step + it, self.clock_period, self.num_epochs))
+        if self.set_lr is not None and it % self.accum_steps == 0:
+            self.set_lr(it // self.accum_steps)
+        images, targets, labels, indices = self.inputs(batch, batch_size)
+        update = (it + 1) % self.accum_steps == 0 or it + 1 == self.num_iters
+        logged = self.log_every and self.log.enabled and (self.global_step + it) % self.log_every == 0
+        outputs, loss_value = self.forward_backward(images, targets, update, it)
+        if self.methods.observers:
+            self.methods.observe(ExampleBatch(indices, _class_logits(outputs).detach().float(), labels, targets))
+        grad_norm = self.optimizer_step(logged) if update else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)          # the step's kernels belong to its compute time
+        self.compute_time += time.perf_counter() - t_compute
+        self.loss_meter.update(loss_value, images.shape[0])
+        self.meter.step(images.shape[0] * self.world_size)
+        self.report(it, loss_value, grad_norm, logged)
+        return update
+
+    def inputs(self, batch, batch_size: int):
+        """Images and targets on the device, at the current input size, mixed; the class labels before mixing."""
+        *data, indices = batch
+        self.skipped += batch_size - len(indices)       # images left out (skip_bad_images)
+        images = data[0].to(self.device, non_blocking=True)
+        # (images, class) or, with token labels, (images, class, label map): the criterion gets the rest as targets
+        targets = to_device(data[1] if len(data) == 2 else tuple(data[1:]), self.device)
+        labels = targets if torch.is_tensor(targets) else targets[0]
+        if self.input_size is not None and images.shape[-1] != self.input_size:
+            images = self.methods.resize_images(images, self.input_size)
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, targets)
+        return images, targets, labels, indices
+
+    def forward_backward(self, images: torch.Tensor, targets, update: bool, it: int):
+        """Forward, loss and backward of one micro-batch (DDP's gradient sync only before an update)."""
+        no_sync = not update and hasattr(self.model, "no_sync")
+        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast(self.device, self.amp_dtype):
+                outputs = self.model(images)
+                loss = self.criterion(images, outputs, targets)
+            loss_value = loss.item()      # a host sync per step, as in DeiT: it is what catches a NaN at once
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"loss is {loss_value} at epoch {self.epoch} iteration {it}: stopping; the "
+                                         f"last checkpoint was written before this epoch and is intact")
+            scaled = loss / self.accum_steps
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        return outputs, loss_value
+
+    def optimizer_step(self, logged: bool) -> Optional[torch.Tensor]:
+        """Clip, step, zero the gradients, update the EMA; the gradient norm before clipping when it was taken."""
+        grad_norm = None
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        if scaler is not None and (self.clip_grad is not None or logged):
+            scaler.unscale_(optimizer)          # step() would unscale the same way: only the order moves
+        if self.clip_grad is not None:
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+        elif logged:
+            grad_norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.model_ema is not None:
+            self.model_ema.update(model)
+        return grad_norm
+
+    def report(self, it: int, loss_value: float, grad_norm: Optional[torch.Tensor], logged: bool) -> None:
+        """The progress line, and the iteration record (``log_every``) or TensorBoard's per-step scalars."""
+        num_iters, meter, log, step = self.num_iters, self.meter, self.log, self.global_step + it
+        lr = self.optimizer.param_groups[0]["lr"]
+        if it % self.print_freq == 0 or it + 1 == num_iters or log.live:
+            state = self.methods.progress()
+            log.progress(f"Epoch [{self.epoch + 1}/{self.num_epochs}] [{it + 1}/{num_iters}] eta "
+                         f"{format_seconds(meter.eta(it + 1))} loss {loss_value:.4f} ({self.loss_meter.avg:.4f}) "
+                         f"lr {lr:.3e} {meter.rate():.1f} img/s" + (f" {state}" if state else ""),
+                         final=it + 1 == num_iters)
+        if logged:
+            log.log_iteration(iteration_record(self.epoch, it, step, loss_value, self.loss_meter.avg,
+                                               self.optimizer, grad_norm, meter.elapsed(), self.methods))
+        elif not self.log_every and it % self.print_freq == 0:
+            log.scalar("iter/loss", loss_value, step)
+            log.scalar("iter/lr", lr, step)
+
+    def result(self, stopped_at: Optional[int]) -> Dict[str, Any]:
+        """The epoch's metrics, summed over processes; or, when it stopped early, where and the running figures."""
+        progress = {"loss_sum": self.loss_meter.sum, "loss_count": self.loss_meter.count, "images": self.meter.images,
+                    "seconds": self.meter.elapsed(), "data_seconds": self.data_time,
+                    "compute_seconds": self.compute_time, "skipped": self.skipped}
+        if stopped_at is not None:
+            return {"stopped_at": stopped_at, "iters": stopped_at, "progress": progress}
+        total, count, skipped = all_reduce_sum([self.loss_meter.sum, self.loss_meter.count, self.skipped], self.device)
+        return {"loss": total / max(count, 1), "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_s": self.meter.rate(), "epoch_seconds": self.meter.elapsed(),
+                "data_seconds": self.data_time, "compute_seconds": self.compute_time, "iters": self.num_iters,
+                "skipped_images": int(skipped)}
 
 
 def iteration_record(epoch: int, step: int, iteration: int, loss: float, loss_avg: float, optimizer,
