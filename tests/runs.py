@@ -1,4 +1,5 @@
-"""Small readers of a run directory, shared by the end-to-end tests."""
+"""What the end-to-end tests share: the tiny run on the demo config, and small readers of a run directory."""
+import hashlib
 import json
 import os
 import signal
@@ -6,6 +7,63 @@ import subprocess
 import sys
 
 import torch
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+DEMO = os.path.join(CONFIGS, "demo.yaml")
+# the tiny ViT of the end-to-end runs: 2 blocks of width 32 on 16 px images, a 4 x 4 patch grid
+TINY_VIT = "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"
+TINY_MODEL = ["--model_kwargs", TINY_VIT, "--input_size", "16"]
+# ToE in two one-epoch stages: a quarter of the patches as seeds, half of them kept, then all
+TOE_TWO_STAGES = ["--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]", "--toe.init_keep_rate", "0.25"]
+# four epochs of the tiny ViT with ToE's second stage from epoch 2 (the hand-made run directories)
+TOE_FOUR_EPOCHS = [*TINY_MODEL, "--epochs", "4", "--toe.expansion_steps", "[0, 2]", "--toe.keep_rates", "[0.5, 1.0]"]
+# two epochs of the tiny ViT with ToE on the digits at batch 128 (11 iterations per epoch)
+TINY = [*TINY_MODEL, "--epochs", "2", *TOE_TWO_STAGES, "--num_workers", "0", "--batch_size", "128",
+        "--warmup_epochs", "1", "--print_freq", "5"]
+
+
+def main_argv(data, out, *flags):
+    """main.py's command line for a run of the demo config on ``data`` into ``out``, ``flags`` on top."""
+    return ["--config", DEMO, "--data_path", data, "--output_dir", str(out), *flags]
+
+
+def runner(*flags):
+    """``run(data, out, *extra)``: ``main.main`` on :func:`main_argv` with ``flags`` then ``extra``; its exit code."""
+    def run(data, out, *extra):
+        import main as entry
+        return entry.main(main_argv(data, out, *flags, *extra))
+    return run
+
+
+def assert_same_weights(a, b):
+    """The same model and EMA weights, tensor for tensor, in two checkpoints (dicts, or run directories holding
+    ``checkpoint.pth``): what an exact resume must give."""
+    a, b = (x if isinstance(x, dict) else load(os.path.join(x, "checkpoint.pth")) for x in (a, b))
+    for key in ("model", "model_ema"):
+        assert a[key].keys() == b[key].keys()
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+
+
+def one_line(text):
+    """The one non-blank line of ``text`` (a one-line error), failing when there are more."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def snapshot(out):
+    """Every file under ``out`` (hidden ones too) with its size, mtime and hash: equal snapshots, nothing written."""
+    found = {}
+    for base, _, files in os.walk(out):
+        for name in files:
+            p = os.path.join(base, name)
+            with open(p, "rb") as f:
+                found[os.path.relpath(p, out)] = (os.path.getsize(p), os.stat(p).st_mtime_ns,
+                                                  hashlib.sha1(f.read()).hexdigest())
+    return found
 
 
 def read_log(out):
@@ -63,9 +121,6 @@ def interrupt_epoch(monkeypatch, n):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
     monkeypatch.setattr(entry, "train_one_epoch", train_one_epoch)
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torchrun(*argv, script=None, timeout=300):

@@ -6,15 +6,12 @@ import os
 import pytest
 
 from config import load_config, save_config
+from tests.runs import DEMO, ROOT
+from tests.runs import TOE_FOUR_EPOCHS as TINY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "scripts", "compare.py"))
 compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
-
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "4", "--toe.expansion_steps", "[0, 2]", "--toe.keep_rates", "[0.5, 1.0]"]
 
 
 def make_run(path, methods, train_s, wall_s, acc, ema, seed=0):

@@ -5,7 +5,6 @@ reducer drops tokens before block 0. Both train through the real entrypoint on t
 """
 import contextlib
 import json
-import os
 from dataclasses import dataclass
 
 
@@ -17,13 +16,10 @@ from config import ConfigError, build_config, load_config
 from methods import (Clock, Method, MethodError, MethodSet, TokenSite, Variant, parse_combination, register_method,
                      registry, unregister_method)
 from models.tokens import TokenPositions, restore_grid, token_positions
-from tests.runs import read_log
+from tests.runs import DEMO, TINY_MODEL, read_log
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "2", "--num_workers", "0", "--batch_size", "64", "--warmup_epochs", "1", "--print_freq", "5",
-        "--tensorboard", "false"]
+TINY = [*TINY_MODEL, "--epochs", "2", "--num_workers", "0", "--batch_size", "64", "--warmup_epochs", "1",
+        "--print_freq", "5", "--tensorboard", "false"]
 
 
 @dataclass

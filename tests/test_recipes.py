@@ -11,13 +11,7 @@ import torch
 import main as entry
 from config import ConfigError, load_config
 from methods import published_rows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
-DEMO = os.path.join(CONFIGS, "demo.yaml")
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "2", "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]", "--toe.init_keep_rate",
-        "0.25", "--num_workers", "0", "--batch_size", "128", "--warmup_epochs", "1", "--print_freq", "5"]
+from tests.runs import CONFIGS, DEMO, ROOT, TINY
 
 
 def _tables():

@@ -13,16 +13,12 @@ import pytest
 import methods
 from config import load_config, save_config
 from methods import PublishedRow
+from tests.runs import CONFIGS, DEMO, ROOT
+from tests.runs import TOE_FOUR_EPOCHS as TINY
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
-DEMO = os.path.join(CONFIGS, "demo.yaml")
 spec = importlib.util.spec_from_file_location("tables", os.path.join(ROOT, "scripts", "tables.py"))
 tables = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tables)
-
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "4", "--toe.expansion_steps", "[0, 2]", "--toe.keep_rates", "[0.5, 1.0]"]
 
 
 def make_run(path, config, overrides, acc, ema=None, train_s=(1, 1, 1, 1), wall_s=None, compute_s=None, summary=None):
