@@ -156,11 +156,28 @@ def select_tokens_ablation(xn: torch.Tensor, schedule: ToESchedule, stage: int, 
     reseeding makes a run and its resumption draw the same ones.
     """
     batch, num_tokens, _ = xn.shape
-    inf = float("inf")
-    num_seeds = schedule.num_seeds(num_tokens)
     sizes = [s for s in schedule.chunk_sizes(num_tokens, stage) if s > 0]
-    extra = sum(sizes)
-    noise = None
+    seeds, order, noise = _ablation_seeds(xn, schedule, schedule.num_seeds(num_tokens), sum(sizes))
+    blocks: List[torch.Tensor] = []
+    if schedule.expansion == "farthest":
+        kept, blocks = _farthest_expansion(xn, seeds, sizes, distance, nearest)
+    else:
+        kept = _featureless_expansion(schedule, seeds, order, noise, num_tokens, sum(sizes))
+    if not with_assign:
+        return kept, None
+    scores = torch.cat(blocks, dim=1) if blocks else scores_to(xn, kept, distance, nearest)    # [B, M, N]
+    assign = scores.argmax(1)
+    assign.scatter_(1, kept, _arange(kept.shape[1], xn.device).expand(batch, -1))
+    return kept, assign
+
+
+def _ablation_seeds(xn: torch.Tensor, schedule: ToESchedule, num_seeds: int, extra: int
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The seeds by ``schedule.init`` (raster order), the random order they were drawn from (``init: random``: the
+    lowest-noise positions, seeds first, then the ``extra`` further ones when no feature rule follows) and the noise
+    (``[B, N]``, drawn once when either step is random); ``None`` where not drawn."""
+    batch, num_tokens, _ = xn.shape
+    noise = order = None
     if schedule.init == "random" or schedule.expansion == "random":
         noise = torch.rand(batch, num_tokens, device=xn.device)                          # [B, N], uniform
     if schedule.init == "random":
@@ -172,35 +189,39 @@ def select_tokens_ablation(xn: torch.Tensor, schedule: ToESchedule, stage: int, 
         seeds = order[:, :num_seeds].sort(dim=1).values                                   # raster order
     else:
         seeds = seed_positions(num_tokens, schedule.init_keep_rate, xn.device).expand(batch, -1)
+    return seeds, order, noise
 
-    blocks: List[torch.Tensor] = []
-    if schedule.expansion == "farthest":
-        parts = [seeds]
-        blocks.append(scores_to(xn, seeds, distance, nearest))
-        best = blocks[0].amax(1).scatter_(1, seeds, inf)
-        for size in sizes:
-            added = best.topk(size, dim=1, largest=False, sorted=True).indices
-            parts.append(added)
-            blocks.append(scores_to(xn, added, distance, nearest))
-            best = torch.maximum(best, blocks[-1].amax(1)).scatter_(1, added, inf)
-        kept = torch.cat(parts, dim=1)
-    elif schedule.init == "random":                      # random or none after random seeds: the same draw
+
+def _farthest_expansion(xn: torch.Tensor, seeds: torch.Tensor, sizes: List[int], distance: str, nearest: bool
+                        ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``expansion: farthest``: from ``seeds``, each sub-step adds the ``size`` tokens least similar to the selected
+    set; the kept positions and the score blocks of every added set (the assignment reuses them)."""
+    inf = float("inf")
+    parts = [seeds]
+    blocks = [scores_to(xn, seeds, distance, nearest)]
+    best = blocks[0].amax(1).scatter_(1, seeds, inf)
+    for size in sizes:
+        added = best.topk(size, dim=1, largest=False, sorted=True).indices
+        parts.append(added)
+        blocks.append(scores_to(xn, added, distance, nearest))
+        best = torch.maximum(best, blocks[-1].amax(1)).scatter_(1, added, inf)
+    return torch.cat(parts, dim=1), blocks
+
+
+def _featureless_expansion(schedule: ToESchedule, seeds: torch.Tensor, order: Optional[torch.Tensor],
+                           noise: Optional[torch.Tensor], num_tokens: int, extra: int) -> torch.Tensor:
+    """``expansion: random`` or ``none``: the seeds and ``extra`` more tokens chosen without features."""
+    batch, num_seeds = seeds.shape
+    if schedule.init == "random":                      # random or none after random seeds: the same draw
         added = order[:, num_seeds:]
         if schedule.expansion == "none":
             added = added.sort(dim=1).values
-        kept = torch.cat([seeds, added], dim=1)
-    elif schedule.expansion == "random":                 # grid seeds, then a random subset of the other tokens
-        added = noise.scatter_(1, seeds, inf).topk(extra, dim=1, largest=False, sorted=True).indices
-        kept = torch.cat([seeds, added], dim=1)
-    else:                                                # grid seeds, none: the evenly spread fill
-        fill = _fill_positions(num_tokens, schedule.init_keep_rate, extra, xn.device)
-        kept = torch.cat([seeds, fill.expand(batch, -1)], dim=1)
-    if not with_assign:
-        return kept, None
-    scores = torch.cat(blocks, dim=1) if blocks else scores_to(xn, kept, distance, nearest)    # [B, M, N]
-    assign = scores.argmax(1)
-    assign.scatter_(1, kept, _arange(kept.shape[1], xn.device).expand(batch, -1))
-    return kept, assign
+        return torch.cat([seeds, added], dim=1)
+    if schedule.expansion == "random":                 # grid seeds, then a random subset of the other tokens
+        added = noise.scatter_(1, seeds, float("inf")).topk(extra, dim=1, largest=False, sorted=True).indices
+        return torch.cat([seeds, added], dim=1)
+    fill = _fill_positions(num_tokens, schedule.init_keep_rate, extra, seeds.device)   # grid seeds, none: even fill
+    return torch.cat([seeds, fill.expand(batch, -1)], dim=1)
 
 
 def token_expansion(
