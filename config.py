@@ -14,25 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
-import io
 import math
-import os
-import textwrap
-import tokenize
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
 from checkpoint import first_line
+from config_sources import ConfigError, deep_merge, parse_overrides, read_yaml
 from methods import MethodError, method_class, registry
 from token_labels import BOX_ORDERS, RAND_AUGMENTS, SMOOTHING_FORMS
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; ``str(err)`` is the one line shown to the user."""
 
 
 @dataclass
@@ -319,49 +311,7 @@ def _build_config(data: Dict[str, Any]) -> Config:
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------ files
-def read_yaml(path: str, _seen: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Read a config file, resolving ``base: other.yaml`` (relative to the file) by a deep merge."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    seen = (_seen or []) + [os.path.abspath(path)]
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{_yaml_where(e, path)}: YAML syntax error: {_yaml_problem(e)}; fix the file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    base_path = os.path.join(os.path.dirname(path), base)
-    if os.path.abspath(base_path) in seen:
-        raise ConfigError(f"{path}: 'base: {base}' makes an inheritance cycle")
-    return deep_merge(read_yaml(base_path, seen), data)
-
-
-def _yaml_where(err: "yaml.YAMLError", path: str) -> str:
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    return f"{path}:{mark.line + 1}:{mark.column + 1} (line {mark.line + 1}, column {mark.column + 1})" if mark else path
-
-
-def _yaml_problem(err: "yaml.YAMLError") -> str:
-    return getattr(err, "problem", None) or str(err).splitlines()[0]
-
-
-def deep_merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
-    """Mappings merge key by key at every level (sections, ``model_kwargs``, ``teacher_kwargs``); other values
-    replace."""
-    out = dict(base)
-    for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
+# ------------------------------------------------------------------------------------------------ sections
 def bool_keys() -> set:
     """Every boolean key, with its section prefix (``eval``, ``toe.sparse_eval``): these also work as bare flags."""
     keys = set()
@@ -374,55 +324,6 @@ def bool_keys() -> set:
 def section_classes() -> Dict[str, type]:
     """Section name -> dataclass, for the non-method sections and every registered method."""
     return {**SECTIONS, **{name: m.Config for name, m in registry().items()}}
-
-
-def parse_overrides(argv: List[str]) -> Dict[str, Any]:
-    """``--key value`` / ``--key=value`` / ``--section.key value`` into a nested dict; values are read as YAML.
-
-    A key given twice: the later value wins, except that two mappings (``--model_kwargs '{a: 1}' --model_kwargs
-    '{b: 2}'``, a section and its keys) merge key by key, as a YAML file and the command line do.
-    """
-    out: Dict[str, Any] = {}
-    flags = bool_keys()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument '{arg}': overrides are written --key value")
-        if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
-            key = key.replace("-", "_")
-            i += 1
-        else:
-            key = arg[2:].replace("-", "_")
-            bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
-            if key in flags and bare:                  # --eval
-                key, raw = key, "true"
-                i += 1
-            elif key.startswith("no_") and key[3:] in flags:     # --no-model_ema
-                key, raw = key[3:], "false"
-                i += 1
-            elif bare:
-                raise ConfigError(f"override {arg} has no value: write {arg} VALUE")
-            else:
-                raw = argv[i + 1]
-                i += 2
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            if raw.lstrip()[:1] in "{[":
-                raise ConfigError(f"--{key}: {raw!r} is not valid YAML ({_yaml_problem(e)}); write e.g. "
-                                  f"--{key} '{{a: 1, b: 2}}' or '[1, 2]'") from None
-            value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override --{key} conflicts with an earlier override of --{p}")
-        earlier = node.get(parts[-1])
-        node[parts[-1]] = deep_merge(earlier, value) if isinstance(earlier, dict) and isinstance(value, dict) else value
-    return out
 
 
 def _apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -446,6 +347,16 @@ def _apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[st
 
 def validate(cfg: Config) -> Config:
     """Checks that need more than a type: choices, ranges, and each method section through its method."""
+    _check_ranges(cfg)
+    _check_models_and_data(cfg)
+    if cfg.reproduces is not None:
+        check_reproduces(cfg.reproduces)
+    _check_methods(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Choices and numeric ranges of the top-level keys and the non-method sections."""
     flat = {k: v for k, v in cfg.to_dict().items() if k not in cfg.sections}
     for section in SECTIONS:
         sub = flat.pop(section)
@@ -469,6 +380,10 @@ def validate(cfg: Config) -> Config:
     if cfg.opt_betas is not None and (len(cfg.opt_betas) != 2 or not all(0 <= b < 1 for b in cfg.opt_betas)):
         raise ConfigError(f"opt_betas: {cfg.opt_betas} must be two values in [0, 1), e.g. [0.9, 0.999], or null for "
                           f"the optimizer's default")
+
+
+def _check_models_and_data(cfg: Config) -> None:
+    """The model names and arguments, augmentation, EMA, distillation and evaluation settings."""
     for key in ("model_kwargs", "teacher_kwargs"):
         _check_kwargs(key, getattr(cfg, key))
     check_model_name("model", cfg.model)
@@ -495,8 +410,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data_set: token_label needs an ImageFolder dataset (imagenet, folder), not {cfg.data_set}")
         if cfg.token_label.size <= 0:
             raise ConfigError(f"token_label.size: {cfg.token_label.size} must be > 0")
-    if cfg.reproduces is not None:
-        check_reproduces(cfg.reproduces)
+
+
+def _check_methods(cfg: Config) -> None:
+    """The ``methods`` list, each active section through its method, and their combination."""
     for name in cfg.methods or []:
         if name not in registry():
             raise ConfigError(f"methods: unknown method '{name}' (known: {', '.join(sorted(registry()))})")
@@ -512,7 +429,6 @@ def validate(cfg: Config) -> Config:
         MethodSet.from_config(cfg)           # combinations (e.g. two token reducers at conflicting places)
     except MethodError as e:
         raise ConfigError(str(e)) from None
-    return cfg
 
 
 def check_reproduces(value: Any) -> None:
@@ -581,124 +497,10 @@ def build_config(data: Dict[str, Any]) -> Config:
 
 def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> Config:
     data = read_yaml(path) if path else {}
-    return build_config(_apply_overrides(data, parse_overrides(overrides or [])))
+    return build_config(_apply_overrides(data, parse_overrides(overrides or [], bool_keys())))
 
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config (atomically); it loads back with ``load_config(path)``."""
     from checkpoint import write_text       # the one atomic writer
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))
-
-
-# ------------------------------------------------------------------------------------------------ --help
-def field_docs(cls) -> Dict[str, Tuple[str, str]]:
-    """``name -> (group, description)`` for a config dataclass, read from the schema itself: a field's
-    ``metadata["help"]``, else its trailing comment, else the comment lines right above it; the group is the last
-    ``# --- group ---`` heading before it."""
-    try:
-        source = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        source = ""
-    comments: Dict[int, Tuple[str, bool]] = {}       # line -> (text, whole-line comment)
-    code_lines = set()
-    try:
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.COMMENT:
-                comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
-            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
-                code_lines.add(tok.start[0])
-    except (tokenize.TokenError, IndentationError):
-        pass
-    lines = source.splitlines()
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    out: Dict[str, Tuple[str, str]] = {}
-    group, above = "", []
-    for n, line in enumerate(lines, start=1):
-        text, whole = comments.get(n, ("", False))
-        if whole:
-            if text.startswith("---"):
-                group, above = text.strip("- ").strip(), []
-            else:
-                above.append(text)
-            continue
-        stripped = line.strip()
-        name = stripped.split(":", 1)[0].strip() if ":" in stripped else ""
-        if name in names and n in code_lines:
-            help_text = names[name].metadata.get("help") or text or " ".join(above)
-            out[name] = (group, help_text)
-        if n in code_lines:
-            above = []
-    for name, f in names.items():
-        if name not in out:
-            out[name] = ("", f.metadata.get("help", ""))
-    return out
-
-
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        value = f.default_factory()  # type: ignore[misc]
-    else:
-        return "(required)"
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
-
-
-def key_rows() -> List[Tuple[str, str, str, str, str]]:
-    """Every config key as ``(group, key, type, default, description)``: Config's own, then each section's."""
-    rows = []
-    hints = typing.get_type_hints(Config)
-    docs = field_docs(Config)
-    for f in dataclasses.fields(Config):
-        if f.name == "sections" or dataclasses.is_dataclass(_strip_optional(hints[f.name])):
-            continue
-        group, text = docs[f.name]
-        rows.append((f"{group}:" if group else "general:", f.name, _type_name(hints[f.name]), _default_text(f),
-                     _with_choices(f, text)))
-    for section, cls in section_classes().items():
-        kind = "method section" if section in registry() else "section"
-        doc = " ".join((inspect.getdoc(cls) or "").split())
-        group = f"{section}: {kind} (null or --{section} none: off). {doc}".strip()
-        hints, docs = typing.get_type_hints(cls), field_docs(cls)
-        for f in dataclasses.fields(cls):
-            if f.name.startswith("_"):
-                continue
-            rows.append((group, f"{section}.{f.name}", _type_name(hints[f.name]), _default_text(f),
-                         _with_choices(f, docs[f.name][1])))
-    return rows
-
-
-def _with_choices(f: dataclasses.Field, text: str) -> str:
-    choices = f.metadata.get("choices")
-    if not choices or all(str(c) in text for c in choices):
-        return text
-    return " | ".join(map(str, choices)) + (f"; {text}" if text else "")
-
-
-def _strip_optional(tp):
-    if typing.get_origin(tp) is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp
-    return tp
-
-
-def help_text(usage: str = "") -> str:
-    """The ``--help`` page: every key with its type, default and description, generated from the schema."""
-    rows = key_rows()
-    width_key = max(len(r[1]) for r in rows) + 2
-    width_type = min(max(len(r[2]) for r in rows), 24) + 2
-    width_default = 24
-    out = [usage.rstrip(), ""] if usage else []
-    out += ["Config keys (YAML file, or --KEY VALUE after --config; values are read as YAML; booleans also as bare",
-            "flags --KEY / --no-KEY; method sections as --SECTION.KEY VALUE, --SECTION none to drop one; a key given",
-            "twice: the last value wins, and mappings such as model_kwargs merge key by key, the later value winning):"]
-    group = None
-    for g, key, tp, default, text in rows:
-        if g != group:
-            out += ["", g]
-            group = g
-        default = default if len(default) <= width_default - 2 else default[:width_default - 5] + "..."
-        out.append(f"  {key:<{width_key}}{tp:<{width_type}}{default:<{width_default}}{text}".rstrip())
-    return "\n".join(out) + "\n"

@@ -13,13 +13,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+import measure
 from methods import Clock, MethodSet
+from recipe import (PER_UPDATE, build_scheduler, lr_epoch, lr_update, planned_iterations, scaled_lr, settings_at,
+                    updates_per_epoch)
 
 
 def _lrs(cfg, nproc: int, epochs: int, images: int) -> List[Optional[float]]:
     """The lr each epoch starts with (after the linear rule at ``nproc`` processes; per-iteration schedules: at the
     epoch's first update); ``None`` where it depends on an unknown ``min_lr``."""
-    from main import PER_UPDATE, build_scheduler, lr_epoch, lr_update, scaled_lr, updates_per_epoch
     unknown = cfg.min_lr is None
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=scaled_lr(cfg, nproc))
     updates = updates_per_epoch(cfg, images, nproc)
@@ -36,24 +38,8 @@ def _lrs(cfg, nproc: int, epochs: int, images: int) -> List[Optional[float]]:
     return out
 
 
-def _updates(cfg, s, nproc: int, images: int, fraction: float) -> int:
-    """Optimizer updates of an epoch under recipe ``s`` (:func:`main.epoch_iterations`): its loader yields the
-    training sampler's per-process share of the epoch's examples in whole batches (an example-level method trains on
-    ``fraction`` of them, the held-out part rounded down)."""
-    from datasets import RASampler, ShuffleSampler
-    from main import epoch_iterations
-    n = images - int(images * (1 - fraction))
-    if cfg.repeated_aug and (nproc > 1 or cfg.repeated_aug_single == "always"):     # as datasets.build_loaders picks
-        sampler = RASampler(range(n), nproc, 0, repeats=cfg.ra_repeats)
-    else:
-        sampler = ShuffleSampler(range(n), nproc, 0)
-    return epoch_iterations(cfg, s, len(sampler) // s.batch_size, images, nproc)[1]
-
-
 def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """``(rows, totals)`` of the run's schedule (see the module docstring)."""
-    import measure
-    from main import settings_at
     nproc = int(nproc or cfg.nproc or 1)
     total = cfg.total_epochs()
     try:
@@ -73,7 +59,8 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
         state = {"phase": phase, "input_size": s.input_size, "aa": s.aa or "none",
                  "batch": f"{s.batch_size} x {nproc} x {s.grad_accum_steps} = "
                           f"{s.batch_size * nproc * s.grad_accum_steps}",
-                 "updates": str(_updates(cfg, s, nproc, images, methods.data_fraction())) if images else "unknown",
+                 "updates": (str(planned_iterations(cfg, s, images, nproc, methods.data_fraction())[1]) if images
+                             else "unknown"),
                  **{m.name: m.plan_state(clock, patches) or "-" for m in methods}}
         if rows and rows[-1]["state"] == state:
             rows[-1]["last"] = e

@@ -155,7 +155,7 @@ def test_table_config_matches_the_published_recipe(name):
 # ------------------------------------------------------------------------------------------------ conventions
 def test_help_lists_every_key_with_type_default_and_description(capsys):
     import main
-    from config import key_rows
+    from config_help import key_rows
     with pytest.raises(SystemExit) as done:
         main.main(["--help"])
     assert done.value.code == 0
