@@ -21,16 +21,12 @@ from config import load_config
 from methods import MethodSet
 from models import create_model
 from pss import PatchSampler, apply_sampler, num_kept_patches, select_patches
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
-DEMO = os.path.join(CONFIGS, "demo.yaml")
-TINY_VIT = "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"
+from tests.runs import CONFIGS, DEMO, ROOT, TINY_MODEL, TINY_VIT
 
 
 def tiny(config, *extra):
     """A table config with a tiny model of the same family (2 blocks, width 32, 16 px: a 4 x 4 patch grid)."""
-    return load_config(os.path.join(CONFIGS, config), ["--model_kwargs", TINY_VIT, "--input_size", "16", *extra])
+    return load_config(os.path.join(CONFIGS, config), [*TINY_MODEL, *extra])
 
 
 # ------------------------------------------------------------------------------------------ 1: parameter groups
@@ -295,7 +291,7 @@ def test_magnitude_sampling_keeps_the_published_positions_on_ties():
 # ------------------------------------------------------------------------------------------ 6: keep counts near 0
 def test_the_operator_keeps_the_class_token_alone_when_the_published_count_is_zero():
     assert num_kept_patches(16, 0.95) == 0
-    cfg = load_config(DEMO, ["--model_kwargs", TINY_VIT, "--input_size", "16", "--methods", "[]"])
+    cfg = load_config(DEMO, [*TINY_MODEL, "--methods", "[]"])
     model = create_model(cfg, 10, MethodSet([]))
     sampler = apply_sampler(model, "magnitude")
     sampler.set_drop_ratio(0.95)

@@ -8,22 +8,16 @@ import re
 import pytest
 import torch
 
-import main as entry
 from config import ConfigError, load_config
 from methods import MethodSet
 from models import create_model
 from pss import PSSSchedule, iter_samplers, num_kept_patches
-from tests.runs import interrupt_epoch, load, read_log, torchrun
+from tests.runs import (DEMO, ROOT, TINY_MODEL, assert_same_weights, interrupt_epoch, load, read_log, runner,
+                       torchrun)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "2", "--num_workers", "0", "--batch_size", "128", "--warmup_epochs", "1", "--print_freq", "5",
-        "--tensorboard", "false", "--methods", "[pss]", "--pss.cooldown_epochs", "1"]
-
-
-def run(digits, out, *extra):
-    return entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, *extra])
+TINY = [*TINY_MODEL, "--epochs", "2", "--num_workers", "0", "--batch_size", "128", "--warmup_epochs", "1",
+        "--print_freq", "5", "--tensorboard", "false", "--methods", "[pss]", "--pss.cooldown_epochs", "1"]
+run = runner(*TINY)
 
 
 def test_trains_through_main_on_the_schedule_of_the_global_counter(digits, tmp_path, capsys):
@@ -56,9 +50,7 @@ def test_kill_and_resume_gives_identical_weights(digits, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert run(digits, tmp_path / "split", *extra, "--resume", "auto") == 0
     a, b = load(tmp_path / "straight" / "checkpoint.pth"), load(tmp_path / "split" / "checkpoint.pth")
-    for key in ("model", "model_ema"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    assert_same_weights(a, b)
     assert a["global_step"] == b["global_step"]
     assert [r["pss_keep_rate"] for r in read_log(tmp_path / "straight")] == \
         [r["pss_keep_rate"] for r in read_log(tmp_path / "split")][-3:]

@@ -11,18 +11,9 @@ import torch
 
 import engine
 import main as entry
-from tests.runs import load, read_log
+from tests.runs import ROOT, TINY, load, read_log, runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "2", "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]", "--toe.init_keep_rate", "0.25",
-        "--num_workers", "0",
-        "--batch_size", "128", "--warmup_epochs", "1", "--print_freq", "5"]
-
-
-def run(digits, out, *extra):
-    return entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, *extra])
+run = runner(*TINY)
 
 
 def val_size(root):
