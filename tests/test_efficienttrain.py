@@ -17,24 +17,18 @@ from efficienttrain.method import phases_of
 from methods import MethodError, MethodSet
 from models import create_model
 from models.resize import at_input_size, input_size_of, set_input_size
-from tests.runs import interrupt_epoch, load, read_log, signal_at, torchrun
+from tests.runs import (CONFIGS, DEMO, TINY_MODEL, assert_same_weights, interrupt_epoch, load, read_log, runner,
+                       signal_at, torchrun)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
-DEMO = os.path.join(CONFIGS, "demo.yaml")
 # three one-epoch phases at 8 / 12 / 16 px (2x2, 3x3, 4x4 patches), the first two with a doubled per-process batch
 # and half the accumulation, RandAugment magnitude 1 / 5 / 9; ToE on top keeps 50 % then all of the current patches
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "3", "--num_workers", "0", "--batch_size", "32", "--grad_accum_steps", "2",
+TINY = [*TINY_MODEL, "--epochs", "3", "--num_workers", "0", "--batch_size", "32", "--grad_accum_steps", "2",
         "--warmup_epochs", "1", "--print_freq", "5", "--tensorboard", "false", "--model_ema_decay", "0.9",
         "--methods", "[efficienttrain, toe]", "--toe.expansion_steps", "[0, 2]", "--toe.keep_rates", "[0.5, 1.0]",
         "--toe.init_keep_rate", "0.25", "--efficienttrain.input_sizes", "[8, 12, 16]",
         "--efficienttrain.rand_magnitudes", "[1, 5, 9]", "--efficienttrain.batch_scale", "[2, 2, 1]",
         "--efficienttrain.rand_augment", "rand-m{m}-mstd0.5-inc1"]
-
-
-def run(digits, out, *extra):
-    return entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, *extra])
+run = runner(*TINY)
 
 
 # ------------------------------------------------------------------------------------------------ the crop
@@ -160,9 +154,7 @@ def straight(digits, tmp_path_factory):
 
 def _same_weights(a_dir, b_dir):
     a, b = load(a_dir / "checkpoint.pth"), load(b_dir / "checkpoint.pth")
-    for key in ("model", "model_ema"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    assert_same_weights(a, b)
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     assert a["clock"] == b["clock"]                                      # iterations per epoch of the last phase too
 

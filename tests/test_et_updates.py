@@ -19,11 +19,8 @@ import plan as plan_mod
 from config import ConfigError, load_config
 from engine import DistillationLoss, train_one_epoch
 from logger import RunLogger
-from tests.runs import load, read_log
+from tests.runs import CONFIGS, DEMO, ROOT, TINY_MODEL, load, main_argv, read_log
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
-DEMO = os.path.join(CONFIGS, "demo.yaml")
 ET_CONFIGS = ["deit_t_et.yaml", "deit_s_et.yaml", "deit_t_et_toe.yaml", "deit_s_et_toe.yaml"]
 IMAGENET, PROCS = 1_281_167, 8
 
@@ -139,8 +136,7 @@ def test_engine_epoch_equals_the_published_loop():
 
 
 # ------------------------------------------------------------------------------------------------ through main.py
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "2", "--num_workers", "0", "--batch_size", "32", "--grad_accum_steps", "2",
+TINY = [*TINY_MODEL, "--epochs", "2", "--num_workers", "0", "--batch_size", "32", "--grad_accum_steps", "2",
         "--warmup_epochs", "1", "--print_freq", "50", "--tensorboard", "false", "--model_ema_decay", "0.9",
         "--methods", "[efficienttrain]", "--efficienttrain.input_sizes", "[12, 16]",
         "--efficienttrain.rand_magnitudes", "[1, 9]", "--efficienttrain.batch_scale", "[2, 1]",
@@ -153,7 +149,7 @@ def test_run_takes_images_over_the_global_batch_updates_in_every_phase(digits, t
     64 at 12 px, then 44 of the last phase's 45 micro-batches of 32 (the 45th untrained). The optimizer counts 44
     steps and the lr of each epoch's last update is the published curve's at ``e x 22 + 21``."""
     out = tmp_path / "run"
-    assert entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY]) == 0
+    assert entry.main(main_argv(digits, out, *TINY)) == 0
     log = read_log(out)
     assert [r["train_iters"] for r in log] == [22, 44]
     assert [r["global_step"] for r in log] == [22, 66]

@@ -6,7 +6,6 @@ The reference behaviour of the operators and the selector is checked in ``tests/
 """
 import io
 import json
-import os
 import textwrap
 
 import numpy as np
@@ -23,11 +22,9 @@ from trilevel import find_trilevel, set_enabled
 from trilevel.cost import ForwardCost, ViTDims, representative_states, stage_tokens
 from trilevel.method import TriLevel
 from trilevel.schedule import keep_rate
-from tests.runs import interrupt_epoch, load, read_log, torchrun
+from tests.runs import DEMO, ROOT, assert_same_weights, interrupt_epoch, load, read_log, runner, torchrun
 from tests.test_resume_fields import STOPPER, without_timings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 MODEL = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 3, num_heads: 2}", "--input_size", "16"]
 TINY = [*MODEL, "--num_workers", "0", "--batch_size", "128", "--warmup_epochs", "1", "--print_freq", "50",
         "--tensorboard", "false", "--model_ema_eval", "false", "--methods", "[trilevel]"]
@@ -42,15 +39,7 @@ def section(**kw) -> str:
     return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in base.items()) + "}"
 
 
-def run(digits, out, *extra):
-    return entry.main(["--config", DEMO, "--data_path", digits, "--output_dir", str(out), *TINY, *extra])
-
-
-def assert_same_weights(a, b):
-    for key in ("model", "model_ema"):
-        assert a[key].keys() == b[key].keys()
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+run = runner(*TINY)
 
 
 def assert_same_selector(a, b):
