@@ -20,6 +20,10 @@ Exit codes:
     3    stopped by SIGTERM or SIGINT: checkpoint.pth holds the current iteration; continue with --resume auto
     130, 143  (128 + the signal) stopped by SIGINT / SIGTERM before training began, or by a second signal while
          stopping: nothing new was saved, the previous checkpoint is intact
+
+This file builds the run and holds the epoch loop; beside it: ``recipe.py`` (the recipe of each epoch, the lr and
+its schedule), ``parts.py`` (model, criterion, loaders' batches), ``resume.py`` (checkpoint in, checkpoint out),
+``rundir.py`` (output_dir) and ``exits.py`` (exit codes, errors, signals).
 """
 from __future__ import annotations
 
@@ -27,10 +31,8 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -40,29 +42,27 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoint as ckpt_io
-from checkpoint import CheckpointError, ResumeState, RunDirError, first_line
-from config import Config, ConfigError, load_config, save_config
+from checkpoint import ResumeState, RunDirError
+from config import Config, ConfigError, load_config
 from config_help import help_text
-from datasets import DatasetError, build_loaders, check_num_classes
-from distributed import (DeviceError, DistInfo, any_rank, barrier, cleanup, gather_to_all, init_distributed, rng_state,
-                         seed_all, set_rng_state)
-from engine import AmpError, DistillationLoss, NonFiniteLossError, evaluate, resolve_amp, train_one_epoch
-from logger import (ITERATIONS, LogWriteError, RunLogger, format_seconds, read_log, restore_record, run_totals,
-                    trim_iterations, trim_log)
-from methods import Clock, MethodError, MethodSet
-from models import create_model
-from models.resize import ResizeError, at_input_size, input_size_of, set_input_size
-from token_labels import TokenLabelError
+from datasets import build_loaders, check_num_classes
+from distributed import (DistInfo, any_rank, barrier, cleanup, gather_to_all, init_distributed, rng_state, seed_all,
+                         set_rng_state)
+from engine import NonFiniteLossError, evaluate, resolve_amp, train_one_epoch
+from exits import (CONFIG_ERRORS, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_STOPPED, RUN_ERRORS, Abort, PeerStopped,
+                   StopSignals, Stopped, one_line, peer_failure)
+from logger import LogWriteError, RunLogger, format_seconds, read_log, run_totals
+from methods import Clock, MethodSet
+from models.resize import at_input_size, input_size_of, set_input_size
+from parts import (build_criterion, build_model, check_model, check_recipe_batches, count_parameters,
+                   with_batch_size)
 # the schedule rules live in recipe.py; their names stay importable from main, where tests and scripts read them
 from recipe import (PER_UPDATE, Settings, build_scheduler, create_optimizer, epoch_iterations, lr_epoch,  # noqa: F401
                     lr_setter, lr_update, nproc_note, recipe_config, scaled_lr, settings_at, share_lr_bounds,
                     trained_iterations, updates_per_epoch)
+from resume import Position, _flatten, checkpoint_state, load_resume, restore  # noqa: F401 (_flatten: read by tests)
+from rundir import check_output, open_run_dir
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3
-CONFIG_ERRORS = (ConfigError, MethodError, DeviceError, AmpError, ResizeError)
-RUN_ERRORS = (DatasetError, TokenLabelError, CheckpointError, RunDirError, NonFiniteLossError)
-SCHEDULE_KEYS = ("lr", "epochs", "warmup_epochs", "min_lr", "warmup_lr", "sched", "decay_epochs", "decay_rate",
-                 "lr_base_batch", "unscale_lr", "batch_size", "grad_accum_steps", "cooldown_epochs", "sched_step")
 USAGE = """usage: python main.py --config FILE [--KEY VALUE ...] [--overwrite | --plan]
        torchrun --nproc_per_node=N main.py --config FILE [--KEY VALUE ...]
 
@@ -75,63 +75,6 @@ command-line switches (not config keys, never saved in the run's config):
   --plan          print the whole schedule (spans of epochs, lr, method states, FLOPs, images seen) and exit;
                   reads no data, writes nothing; the process count is nproc (--nproc N to change it)
   -h, --help      this page"""
-
-
-class Stopped(Exception):
-    """Training stopped on a signal after saving the current iteration (exit 3)."""
-
-
-class Abort(BaseException):
-    """A signal before training began, or a second one while stopping: leave at once (exit 128 + signal)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-class PeerStopped(Exception):
-    """Another rank found a mistake and reports it; this rank leaves quietly (exit 1)."""
-
-
-# ------------------------------------------------------------------------------------------------ signals
-class StopSignals:
-    """SIGTERM / SIGINT handlers for the life of :func:`main`.
-
-    Once training runs (``armed``), the first signal only records a request: the trainer saves a checkpoint of the
-    current iteration and exits 3. Before that, and on a second signal, :class:`Abort` is raised at once.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self.armed = False
-        self._previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:       # e.g. SIGINT of a `cmd &` in a script
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.armed and self.signum is None:
-            self.signum = signum
-            return
-        raise Abort(signum)
-
-    def requested(self, device: torch.device) -> bool:
-        """Whether any rank got a signal (a collective: every rank asks at the same iteration)."""
-        return any_rank(self.signum is not None, device)
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum else "a signal on another process"
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -173,14 +116,6 @@ def parse_args(argv: List[str]) -> Tuple[Config, bool]:
 
 # ------------------------------------------------------------------------------------------------ building a run
 @dataclass
-class Position:
-    """Where training continues: an epoch, the iterations of it already trained, the global iteration counter."""
-    epoch: int = 0
-    step: int = 0
-    global_step: int = 0
-
-
-@dataclass
 class Run:
     """Everything a run is made of, built before anything is written."""
     cfg: Config
@@ -213,132 +148,6 @@ class Run:
     resizing: bool = False                    # a method changes the input size (the model follows it)
 
 
-def on_main(dist: DistInfo, fn) -> None:
-    """Run ``fn`` on rank 0 only; a one-line error there stops every rank (the others quietly)."""
-    err = None
-    if dist.is_main:
-        try:
-            fn()
-        except (*CONFIG_ERRORS, *RUN_ERRORS) as e:
-            err = e
-    if any_rank(err is not None, dist.device):
-        raise err if err is not None else PeerStopped()
-
-
-def check_output(cfg: Config, dist: DistInfo, overwrite: bool) -> None:
-    """Read-only checks of ``output_dir``: a directory (or creatable), not another run's (unless resuming or
-    ``--overwrite``), not locked by a live run."""
-    def check():
-        ckpt_io.check_output_dir(cfg.output_dir)
-        if cfg.eval:
-            return
-        ckpt_io.refuse_existing_run(cfg.output_dir, resuming=bool(cfg.resume), overwrite=overwrite)
-        holder = ckpt_io.lock_holder(cfg.output_dir)
-        if holder:
-            raise RunDirError(f"output_dir: {cfg.output_dir} is in use by another run ({holder}); wait for it to "
-                              f"end, stop it, or pick another --output_dir")
-    on_main(dist, check)
-
-
-def load_resume(cfg: Config) -> Tuple[Optional[str], Optional[Dict[str, Any]], Any]:
-    """The checkpoint ``resume`` names (``auto``: output_dir/checkpoint.pth when present), read and checked, and the
-    file's stamp before it was read (the run directory checks it again under the lock)."""
-    path = ckpt_io.resume_path(cfg.resume, cfg.output_dir)
-    if path is None:
-        if cfg.eval and not cfg.finetune:
-            raise ConfigError(f"eval: --resume {cfg.resume or '(empty)'} found no checkpoint in {cfg.output_dir}; "
-                              f"point --resume at a checkpoint file (e.g. {cfg.output_dir}/best.pth)")
-        return None, None, None
-    stamp = ckpt_io.file_stamp(path)
-    return path, ckpt_io.load_checkpoint(path, "resume"), stamp
-
-
-def build_model(cfg: Config, nb_classes: int, methods: MethodSet, img_size: Optional[int] = None) -> nn.Module:
-    """The timm ViT, patched by the methods; a model timm cannot build from the config is one line naming the key."""
-    try:
-        model = create_model(cfg, nb_classes, methods, img_size=img_size or cfg.input_size)
-    except (MethodError, ConfigError):
-        raise
-    except TypeError as e:
-        m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
-        if m and m.group(2) in cfg.model_kwargs:
-            raise ConfigError(f"model_kwargs: '{m.group(2)}' is not an argument of {cfg.model} ({m.group(1)})"
-                              f"{_close_arguments(cfg.model, m.group(1), m.group(2))}") from None
-        if m:
-            raise ConfigError(f"model: {cfg.model} is not a ViT ({m.group(1)} takes no '{m.group(2)}'); this trainer "
-                              f"takes timm Vision Transformers such as deit_small_patch16_224, vit_*, lvvit_*") from None
-        raise ConfigError(f"model_kwargs: {cfg.model} cannot be built with {cfg.model_kwargs}: {first_line(e)}") from None
-    except (ValueError, AssertionError, RuntimeError) as e:
-        if not cfg.model_kwargs:
-            raise
-        raise ConfigError(f"model_kwargs: {cfg.model} cannot be built with {cfg.model_kwargs}: "
-                          f"{type(e).__name__}: {first_line(e)}") from None
-    if not (hasattr(model, "patch_embed") and hasattr(model, "blocks")):
-        raise ConfigError(f"model: {cfg.model} is not a ViT ({type(model).__name__} has no patch_embed and blocks); this "
-                          f"trainer takes timm Vision Transformers such as deit_small_patch16_224, vit_*, lvvit_*")
-    return model
-
-
-def _close_arguments(model_name: str, class_name: str, key: str) -> str:
-    """``; did you mean 'x'?`` from the model class's constructor arguments."""
-    import difflib
-    import inspect
-
-    import timm
-    module = sys.modules.get(getattr(timm.models.model_entrypoint(model_name), "__module__", ""), None)
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        return ""
-    names = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-    close = difflib.get_close_matches(key, names, n=2, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; it takes {', '.join(names[:12])}, ..."
-
-
-def check_model(cfg: Config, model: nn.Module) -> None:
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if cfg.token_label is not None and grid is not None and tuple(grid) != (cfg.token_label.size,) * 2:
-        raise ConfigError(f"token_label.size: {cfg.token_label.size} does not match the model's {tuple(grid)} token grid "
-                          f"at input_size {cfg.input_size}; set it to input_size / patch size")
-    if cfg.distillation_type != "none":
-        if not hasattr(model, "set_distilled_training"):
-            raise ConfigError(f"distillation_type: '{cfg.distillation_type}' needs a distilled model "
-                              f"(e.g. deit_small_distilled_patch16_224), not {cfg.model}")
-        model.set_distilled_training(True)
-
-
-def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    from cutmix import PublishedBoxMixup
-
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
-        if cfg.batch_size % 2:
-            raise ConfigError(f"batch_size: {cfg.batch_size} must be even when mixup/cutmix is on")
-        mixup_fn = (PublishedBoxMixup if cfg.cutmix_box == "published" else Mixup)(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
-                         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                         label_smoothing=cfg.smoothing, num_classes=nb_classes)
-        base = SoftTargetCrossEntropy()
-    elif cfg.smoothing > 0:
-        base = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    else:
-        base = nn.CrossEntropyLoss()
-    if cfg.token_label is not None:
-        from token_labels import TokenLabelCriterion
-        tl = cfg.token_label
-        return TokenLabelCriterion(nb_classes, tl.size, cfg.smoothing, tl.cls_weight, tl.dense_weight, tl.cls_target,
-                                   box_order=tl.box_order, smoothing_form=tl.smoothing_form), None
-    teacher = None
-    if cfg.distillation_type != "none":
-        import timm
-        teacher = timm.create_model(cfg.teacher_model, pretrained=False, num_classes=nb_classes, **cfg.teacher_kwargs)
-        ckpt_io.load_weights_strict(teacher, ckpt_io.model_state(ckpt_io.load_checkpoint(cfg.teacher_path, "teacher_path")),
-                                    f"teacher_path {cfg.teacher_path}")
-        teacher.to(device).eval()
-    return DistillationLoss(base, teacher, cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau), mixup_fn
-
-
 def build_optimizer(r: Run) -> None:
     cfg = r.cfg
     r.lr = scaled_lr(cfg, r.dist.world_size)
@@ -347,88 +156,6 @@ def build_optimizer(r: Run) -> None:
     r.updates_per_epoch = updates_per_epoch(cfg, len(r.train_loader.dataset), r.dist.world_size)
     r.scheduler = build_scheduler(cfg, r.optimizer, r.updates_per_epoch)
     r.scaler = torch.amp.GradScaler("cuda") if r.amp_dtype == torch.float16 else None
-
-
-def restore(r: Run, path: str, ckpt: Dict[str, Any], stamp: Any = None) -> None:
-    """Continue from a checkpoint: weights, optimizer state (unless ``resume_optimizer: false``, with the config's
-    hyper-parameters), scaler, position, best record; one line per config key that changed since it was written."""
-    cfg, log = r.cfg, r.log
-    rs = ckpt_io.resume_state(ckpt, path, stamp)
-    saved_size = (ckpt.get("clock") or {}).get("input_size")
-    if r.resizing and saved_size:
-        set_input_size(r.model, int(saved_size), [r.optimizer])   # the size it was saved at, before weights and moments load
-    ckpt_io.load_weights_strict(r.model, ckpt_io.model_state(ckpt), f"resume {path}")
-    if cfg.resume_optimizer:
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in r.optimizer.param_groups]
-        try:
-            r.optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"resume: the optimizer state in {path} does not fit this model's parameter groups "
-                                  f"({first_line(e)}); resume with --resume_optimizer false to start it afresh") from None
-        for group, hyper in zip(r.optimizer.param_groups, fresh):
-            group.update(hyper)                  # lr, weight decay, betas ... come from the config
-    else:
-        log.info("resume: resume_optimizer is false: the optimizer's moments start afresh")
-    if r.scaler is not None and ckpt.get("scaler"):
-        r.scaler.load_state_dict(ckpt["scaler"])
-    r.start = Position(rs.next_epoch, rs.step, rs.global_step if rs.global_step is not None
-                       else rs.next_epoch * len(r.train_loader))
-    r.best = ckpt.get("best") or r.best
-    r.iters_per_epoch = (ckpt.get("clock") or {}).get("iters_per_epoch")
-    if (not rs.mid_epoch and rs.next_epoch > 0
-            and settings_at(cfg, r.methods, rs.next_epoch - 1).loader_key() != r.settings.loader_key()):
-        r.iters_per_epoch = None          # the checkpoint ends a phase of another batch: this loader's own length
-    r.resume = rs
-    if rs.mid_epoch:
-        check_mid_epoch(r, rs)
-    where = f"epoch {rs.next_epoch + 1}" + (f", iteration {rs.step + 1}" if rs.step else "")
-    log.info(f"resumed from {path}: continuing at {where}")
-    if rs.timm_format:
-        log.info(f"resume: {path} has no lr scheduler state (timm's format); the schedule is rebuilt from this config")
-    old = _flatten(ckpt.get("config") or {})
-    new = _flatten(cfg.to_dict())
-    for key in sorted(set(old) | set(new)):
-        if key in ("resume", "eval", "resume_optimizer") or old.get(key) == new.get(key) or not old:
-            continue
-        note = " (the lr schedule is rebuilt with it)" if key in SCHEDULE_KEYS else ""
-        log.info(f"resume: {key} changed from {old.get(key)!r} to {new.get(key)!r}{note}")
-    saved = (ckpt.get("clock") or {}).get("world_size")
-    if saved and saved != r.dist.world_size:
-        per = cfg.batch_size * cfg.grad_accum_steps
-        log.info(f"resume: processes changed from {saved} to {r.dist.world_size}: global batch {per * saved} -> "
-                 f"{per * r.dist.world_size}, lr {scaled_lr(cfg, saved):.3e} -> {r.lr:.3e}"
-                 + (" (unscale_lr: as given)" if cfg.unscale_lr else " (linear rule; the lr schedule is rebuilt)"))
-
-
-def check_mid_epoch(r: Run, rs: ResumeState) -> None:
-    """A checkpoint taken inside an epoch continues only where its batches mean the same thing."""
-    mid = rs.mid_epoch
-    sampler = r.train_loader.sampler
-    now = {"world_size": r.dist.world_size, "batch_size": r.settings.batch_size,
-           "grad_accum_steps": r.settings.grad_accum_steps}
-    diff = [f"{k} {mid.get(k)} -> {v}" for k, v in now.items() if mid.get(k) != v]
-    if not diff:
-        mine = mid["ranks"][r.dist.rank]
-        n = len(r.train_loader.dataset)
-        if mine.get("dataset_len", n) != n:          # the epoch's subset holds indices of the old dataset
-            diff.append(f"training set size {mine['dataset_len']} -> {n}")
-        sampler.set_epoch(rs.next_epoch)
-        sampler.set_indices(None if mine["subset"] is None else mine["subset"].tolist())
-        if len(sampler) != mine["sampler_len"]:
-            diff.append(f"training samples per process {mine['sampler_len']} -> {len(sampler)}")
-    if diff:
-        raise CheckpointError(f"resume: {rs.path} stopped inside epoch {rs.next_epoch + 1} at iteration {rs.step}; "
-                              f"that position needs the same {', '.join(diff)}: resume with the old values")
-
-
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("model_kwargs", "teacher_kwargs"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def wrap(r: Run, ckpt: Optional[Dict[str, Any]], path: Optional[str]) -> None:
@@ -500,36 +227,6 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     return r
 
 
-def count_parameters(model: nn.Module, size: Optional[int] = None) -> int:
-    """Trainable parameters, of the model at ``size`` px when given (a curriculum that resizes the position embedding
-    reports the count of the model it ends with, whatever the epoch the process started in)."""
-    with (at_input_size(model, size) if size is not None else contextlib.nullcontext()):
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def with_batch_size(loader, batch_size: int):
-    """``loader`` with another batch size (the same dataset, sampler, workers and collate). The val loader keeps the
-    config's batch through a curriculum of other training batches, so that evaluation does not depend on the epoch
-    the process started in."""
-    if loader.batch_size == batch_size:
-        return loader
-    from torch.utils.data import DataLoader
-    return DataLoader(loader.dataset, sampler=loader.sampler, batch_size=batch_size, drop_last=loader.drop_last,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory,
-                      worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
-                      collate_fn=loader.collate_fn)
-
-
-def check_recipe_batches(r: Run, every_epoch: List[Settings]) -> None:
-    """Every epoch's per-process batch (a curriculum may double it) fits the samples each process gets."""
-    have = len(r.train_loader.sampler)
-    for e, s in enumerate(every_epoch):
-        if s.batch_size > have:
-            raise DatasetError(f"batch_size: epoch {e + 1} trains with a per-process batch of {s.batch_size} (the "
-                               f"methods' recipe) but each of {r.dist.world_size} process(es) gets {have} samples per "
-                               f"epoch from {r.cfg.data_path}; lower batch_size")
-
-
 def apply_recipe(r: Run, epoch: int) -> None:
     """Put the run in ``epoch``'s recipe: rebuild the train loader for a new batch or RandAugment (same process),
     resize the model, its EMA and the position embedding's optimizer moments for a new input size (and wrap it in
@@ -590,54 +287,6 @@ def evaluate_only(r: Run) -> Dict[str, Any]:
     return stats
 
 
-# ------------------------------------------------------------------------------------------------ the run directory
-def open_run_dir(r: Run, overwrite: bool) -> Optional[ckpt_io.RunLock]:
-    """Rank 0 takes the lock, removes the old run (``--overwrite``), repairs what a kill can leave (best.pth, log
-    records after the checkpoint), writes config.yaml and opens the log files."""
-    cfg, out = r.cfg, r.cfg.output_dir
-    holder: List[ckpt_io.RunLock] = []
-
-    def open_dir():
-        holder.append(ckpt_io.RunLock(out).acquire())
-        try:
-            prepare()
-        except OSError as e:
-            raise RunDirError(f"output_dir: cannot write in {out} ({e.strerror or first_line(e)}); free space or "
-                              f"pick another --output_dir") from None
-
-    def prepare():
-        # decided again under the lock: another run may have written here since the checks before it
-        ckpt_io.refuse_existing_run(out, resuming=bool(cfg.resume), overwrite=overwrite)
-        if not overwrite:
-            ckpt_io.check_unchanged(out, r.resume)
-        if overwrite and ckpt_io.run_files(out):
-            ckpt_io.clear_run(out)
-            r.log.info(f"--overwrite: removed the previous run's outputs in {out}")
-        own = os.path.join(out, "checkpoint.pth")
-        if r.resume is not None and os.path.isfile(own) and os.path.samefile(r.resume.path, own):
-            if ckpt_io.reconcile_best(own, os.path.join(out, "best.pth"), r.resume.ckpt):
-                r.log.info("best.pth: relinked to checkpoint.pth, which records itself as the best epoch")
-        dropped = trim_log(os.path.join(out, "log.jsonl"), r.start.epoch)
-        if r.resume is not None and restore_record(os.path.join(out, "log.jsonl"), r.resume.ckpt.get("log_record")):
-            r.log.info(f"log.jsonl: wrote back the record of epoch {r.start.epoch} from the checkpoint (it was lost)")
-        if dropped:
-            r.log.info(f"log.jsonl: dropped {dropped} line(s): records of epochs the checkpoint does not cover, "
-                       f"repeated, or unreadable")
-        dropped = trim_iterations(os.path.join(out, ITERATIONS), r.start.global_step)
-        if dropped:
-            r.log.info(f"{ITERATIONS}: dropped {dropped} record(s) of iterations the checkpoint does not cover")
-        save_config(cfg, os.path.join(out, "config.yaml"))
-        r.log.open_files(out, cfg.tensorboard, iterations=cfg.log_every > 0, resume_step=r.start.global_step)
-
-    try:
-        on_main(r.dist, open_dir)
-    except BaseException:
-        for lock in holder:
-            lock.release()
-        raise
-    return holder[0] if holder else None
-
-
 # ------------------------------------------------------------------------------------------------ training
 def begin_epoch(r: Run, epoch: int, global_step: int) -> Tuple[Optional[list], int, Dict[str, Any]]:
     """Seeds, sampler and methods for ``epoch``; a resumed epoch takes its subset, methods state and start position
@@ -665,21 +314,6 @@ def begin_epoch(r: Run, epoch: int, global_step: int) -> Tuple[Optional[list], i
     sampler.set_start(mid["position"])
     return subset, step, {"start_step": step, "resumed": mine["progress"],
                           "on_start": lambda: set_rng_state(mine["rng"])}
-
-
-def checkpoint_state(r: Run, last_done: int, at: Position, methods_state, mid=None, record=None) -> Dict[str, Any]:
-    """What ``checkpoint.pth`` holds; ``record``: the finished epoch's ``log.jsonl`` record (a resume writes it back
-    when the log lost it)."""
-    return {"log_record": record, "model": r.model.state_dict(),
-            "model_ema": r.model_ema.module.state_dict() if r.model_ema is not None else None,
-            "optimizer": r.optimizer.state_dict(), "lr_scheduler": r.scheduler.state_dict(),
-            "scaler": r.scaler.state_dict() if r.scaler is not None else None,
-            "epoch": last_done, "global_step": at.global_step,
-            "clock": {"epoch": at.epoch, "step": at.step, "global_step": at.global_step,
-                      "iters_per_epoch": r.iters_per_epoch, "world_size": r.dist.world_size,
-                      **({"input_size": input_size_of(r.model)} if r.resizing else {})},
-            "mid_epoch": mid, "methods": methods_state, "best": r.best, "config": r.cfg.to_dict(),
-            "version": ckpt_io.VERSION}
 
 
 def save_mid_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list], global_step: int,
@@ -869,17 +503,6 @@ def run(cfg: Config, dist: DistInfo, overwrite: bool = False, stop: Optional[Sto
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def one_line(err: BaseException) -> str:
-    """The message of an error, also one re-raised from a DataLoader worker (whose message carries the worker's
-    traceback): its last line, without the exception's class path."""
-    text = str(err)
-    if "Original Traceback" in text:
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        m = re.match(r"^[\w.]+: (.*)$", lines[-1])
-        return m.group(1) if m else lines[-1]
-    return first_line(err)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -914,18 +537,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
             return EXIT_ERROR
         except (torch.distributed.DistError, RuntimeError) as e:
-            if dist is None or not dist.distributed or not _peer_failure(e):
+            if dist is None or not dist.distributed or not peer_failure(e):
                 raise
             print(f"[rank {dist.rank}] error: another process of the run failed ({one_line(e)[:120]}); stopped "
                   f"without saving: the last checkpoint is intact", file=sys.stderr)
             return EXIT_ERROR
         finally:
             cleanup()
-
-
-def _peer_failure(err: BaseException) -> bool:
-    return isinstance(err, torch.distributed.DistError) or any(
-        s in str(err) for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
 
 
 if __name__ == "__main__":
