@@ -5,7 +5,6 @@ the same; subprocesses are used only for signals from outside, the run lock, the
 torchrun (gloo). All runs are tiny: 120 training images of 8x8 px at 16 px, two 2-block epochs of 7 iterations.
 """
 import errno
-import hashlib
 import json
 import os
 import re
@@ -22,14 +21,11 @@ from PIL import Image
 
 import checkpoint as ckpt_io
 import main as entry
-from tests.runs import load, read_log, signal_at
+from tests.runs import (ROOT, TINY_MODEL, TOE_TWO_STAGES, assert_same_weights, load, main_argv, one_line, read_log,
+                       runner, signal_at, snapshot)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "2", "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates", "[0.5, 1.0]",
-        "--toe.init_keep_rate", "0.25", "--num_workers", "0", "--batch_size", "16", "--warmup_epochs", "1",
-        "--print_freq", "100", "--tensorboard", "false", "--model_ema_decay", "0.9"]
+TINY = [*TINY_MODEL, "--epochs", "2", *TOE_TWO_STAGES, "--num_workers", "0", "--batch_size", "16",
+        "--warmup_epochs", "1", "--print_freq", "100", "--tensorboard", "false", "--model_ema_decay", "0.9"]
 ITERS = 7                                       # 120 images // 16
 
 
@@ -50,30 +46,10 @@ def tree(tmp_path_factory):
 
 
 def args(tree, out, *extra):
-    return ["--config", DEMO, "--data_set", "folder", "--data_path", tree, "--output_dir", str(out), *TINY, *extra]
+    return main_argv(tree, out, "--data_set", "folder", *TINY, *extra)
 
 
-def run(tree, out, *extra):
-    return entry.main(args(tree, out, *extra))
-
-
-def snapshot(out):
-    """Every file under ``out`` (hidden ones too) with its size, mtime and hash."""
-    found = {}
-    for base, _, files in os.walk(out):
-        for name in files:
-            p = os.path.join(base, name)
-            with open(p, "rb") as f:
-                found[os.path.relpath(p, out)] = (os.path.getsize(p), os.stat(p).st_mtime_ns,
-                                                  hashlib.sha1(f.read()).hexdigest())
-    return found
-
-
-def assert_same_weights(a_dir, b_dir):
-    a, b = load(os.path.join(a_dir, "checkpoint.pth")), load(os.path.join(b_dir, "checkpoint.pth"))
-    for key in ("model", "model_ema"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+run = runner("--data_set", "folder", *TINY)
 
 
 def assert_consistent(out, epochs):
@@ -83,12 +59,6 @@ def assert_consistent(out, epochs):
     assert best["epoch"] == ckpt["best"]["epoch"] and best["best"] == ckpt["best"]
     assert [r["epoch"] for r in read_log(out)] == list(range(epochs))
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
-
-
-def one_line(text):
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +93,7 @@ def copy(src, tmp_path, name="run"):
 def test_sigterm_saves_the_current_iteration_and_resume_matches_an_uninterrupted_run(tree, stopped, reference,
                                                                                      tmp_path, capsys):
     ckpt = load(os.path.join(stopped, "checkpoint.pth"))
-    assert ckpt["clock"] == {"epoch": 1, "step": 3, "global_step": ITERS + 3, "iters_per_epoch": ITERS}
+    assert ckpt["clock"] == {"epoch": 1, "step": 3, "global_step": ITERS + 3, "iters_per_epoch": ITERS, "world_size": 1}
     assert ckpt["epoch"] == 0 and ckpt["mid_epoch"]["position"] == 3 * 16 and len(ckpt["mid_epoch"]["ranks"]) == 1
     assert set(ckpt["mid_epoch"]["ranks"][0]["rng"]) >= {"torch", "numpy", "random"} and "methods" in ckpt
     assert [r["epoch"] for r in read_log(stopped)] == [0]

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 import main as entry
-from tests.runs import load, read_log
-from tests.test_faults import ITERS, args, make_tree, one_line
+from tests.runs import load, one_line, read_log
+from tests.test_faults import ITERS, args, make_tree
 
 ONE_EPOCH = ["--epochs", "1", "--toe.expansion_steps", "[0]", "--toe.keep_rates", "[0.5]"]
 

@@ -15,8 +15,8 @@ import sys
 import torch
 
 import main as entry
-from tests.runs import load, read_log, signal_at
-from tests.test_faults import ITERS, ROOT, assert_consistent, one_line, tree  # noqa: F401 (tree: a fixture)
+from tests.runs import ROOT, load, one_line, read_log, signal_at
+from tests.test_faults import ITERS, assert_consistent, tree  # noqa: F401 (tree: a fixture)
 from tests.test_faults import args as tiny_args
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))

@@ -25,13 +25,10 @@ import engine
 import main as entry
 from logger import ITERATIONS, RunLogger, read_iterations, trim_iterations
 from methods import MethodSet
-from tests.runs import load, read_log
+from tests.runs import ROOT, TINY_MODEL, load, main_argv, read_log
 from tests.test_faults import make_tree
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--input_size", "16",
-        "--epochs", "2", "--methods", "[pss]", "--pss.cooldown_epochs", "0", "--num_workers", "0",
+TINY = [*TINY_MODEL, "--epochs", "2", "--methods", "[pss]", "--pss.cooldown_epochs", "0", "--num_workers", "0",
         "--batch_size", "16", "--warmup_epochs", "1", "--print_freq", "1", "--model_ema_decay", "0.9"]
 ITERS = 7                                                  # 120 images // 16
 TIMINGS = ("seconds",)
@@ -156,8 +153,7 @@ def tree(tmp_path_factory):
 
 
 def args(tree, out, *extra):
-    return ["--config", DEMO, "--data_set", "folder", "--data_path", tree, "--output_dir", str(out), *TINY,
-            "--log_every", "1", *extra]
+    return main_argv(tree, out, "--data_set", "folder", *TINY, "--log_every", "1", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ process as a chosen batch is handed out (:class:`tests.runs.SignalLoader`), so t
 that matters (a Tri-Level swap epoch, an EfficientTrain phase other than the first) on any machine. Tiny runs: the
 embedded digits at 16 px, a 3-block ViT of width 32, two or three epochs of 9 iterations.
 """
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,10 +16,8 @@ import textwrap
 import pytest
 import torch
 
-from tests.runs import load, read_log
+from tests.runs import ROOT, TOE_TWO_STAGES, load, main_argv, one_line, read_log, snapshot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
 TINY = ["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 3, num_heads: 2}", "--input_size", "16",
         "--num_workers", "0", "--batch_size", "128", "--warmup_epochs", "1", "--print_freq", "50",
         "--tensorboard", "false", "--model_ema_eval", "false"]
@@ -34,8 +31,7 @@ METHODS = {   # the methods' flags, and the epoch and batch at which the stopped
     # config's batch (two per update), the resumed process starting in phase 2; ToE's second stage in epoch 1
     "efficienttrain+toe": (["--methods", "[efficienttrain, toe]", "--batch_size", "64", "--grad_accum_steps", "2",
                             "--efficienttrain", "{input_sizes: [12, 16], rand_magnitudes: [1, 9], rand_augment: null, "
-                            "batch_scale: [2, 1]}", "--toe.expansion_steps", "[0, 1]", "--toe.keep_rates",
-                            "[0.5, 1.0]", "--toe.init_keep_rate", "0.25"], 1, 5),
+                            "batch_scale: [2, 1]}", *TOE_TWO_STAGES], 1, 5),
 }
 TIMINGS = {"wall_seconds", "train_images_per_s", "train_epoch_seconds", "train_data_seconds", "train_compute_seconds"}
 STOPPER = textwrap.dedent("""
@@ -55,8 +51,7 @@ STOPPER = textwrap.dedent("""
 
 def main_py(digits, out, *extra, script=None):
     """``python main.py`` (or ``script``) on the tiny digits run; returns the finished process."""
-    cmd = [sys.executable, script or os.path.join(ROOT, "main.py"), "--config", DEMO, "--data_path", digits,
-           "--output_dir", str(out), *TINY, *extra]
+    cmd = [sys.executable, script or os.path.join(ROOT, "main.py"), *main_argv(digits, out, *TINY, *extra)]
     return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
 
@@ -69,24 +64,6 @@ def stopper(tmp_path, epoch, step):
 
 def without_timings(log):
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in log]
-
-
-def snapshot(out):
-    """Every file under ``out`` with its size, mtime and hash."""
-    found = {}
-    for base, _, files in os.walk(out):
-        for name in files:
-            p = os.path.join(base, name)
-            with open(p, "rb") as f:
-                found[os.path.relpath(p, out)] = (os.path.getsize(p), os.stat(p).st_mtime_ns,
-                                                  hashlib.sha1(f.read()).hexdigest())
-    return found
-
-
-def one_line(text):
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
