@@ -126,25 +126,6 @@ def first_forward(cfg, step):
     return logits, model.toe.kept_index
 
 
-def split_key_bias(params):
-    """``(params with the key third of every qkv bias left out, {name: that key third})``.
-
-    The key bias has an exactly zero gradient (softmax ignores ``q . b_k``, the same for every key), so what reaches
-    it is float noise (~1e-10 here); AdamW (eps 1e-8) turns that noise into updates of ~1 % of the lr that differ
-    between any two implementations (here 30-50 % of the key third's own size, 3e-3 of the tensor's). The key third
-    is therefore only held to staying noise: below ``KEY_BIAS_SHARE`` of the tensor's largest entry on both sides;
-    the query and value thirds, like every other parameter, to 1e-5.
-    """
-    rest, keys = {}, {}
-    for name, p in params.items():
-        if name.endswith("attn.qkv.bias"):
-            q, k, v = p.chunk(3)
-            rest[name], keys[name] = torch.cat([q, torch.zeros_like(k), v]), k
-        else:
-            rest[name] = p
-    return rest, keys
-
-
 def assert_steps(got, step) -> None:
     steps.assert_groups(got["groups"], step["param_groups"])
     assert torch.equal(got["lr"], step["lr"]), (got["lr"], step["lr"])
@@ -154,9 +135,9 @@ def assert_steps(got, step) -> None:
     steps.assert_close(got["logits"], step["logits"], 1e-5, "logits")
     steps.assert_close(got["loss"], step["loss"], 1e-5, "loss")
     steps.assert_all_close(got["grads"], step["grads"], 1e-5, "gradients of step 1")
-    ours, theirs = split_key_bias(got["params"]), split_key_bias(step["params"])
+    ours, theirs = steps.split_key_bias(got["params"]), steps.split_key_bias(step["params"])
     steps.assert_all_close(ours[0], theirs[0], 1e-5, f"parameters after {step['steps']} steps")
-    for name, key in theirs[1].items():          # see split_key_bias
+    for name, key in theirs[1].items():          # see steps.split_key_bias
         scale = step["params"][name].abs().max()
         assert key.abs().max() <= KEY_BIAS_SHARE * scale and ours[1][name].abs().max() <= KEY_BIAS_SHARE * scale, name
 

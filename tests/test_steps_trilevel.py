@@ -151,23 +151,6 @@ def train_steps(cfg, step):
     return got
 
 
-def key_bias(updates):
-    """``(updates with the key third of every qkv bias zeroed, {name: that key third})``.
-
-    The key bias has an exactly zero gradient (the masked attention, like a softmax, ignores a shift of a query's row
-    of logits), so what reaches it is float noise (~1e-11 here) that AdamW (eps 1e-8) turns into updates of ~0.1-0.3 %
-    of the tensor's largest update, differing between any two implementations; it is only held to staying noise.
-    """
-    rest, keys = {}, {}
-    for name, u in updates.items():
-        if name.endswith("attn.qkv.bias"):
-            q, k, v = u.chunk(3)
-            rest[name], keys[name] = torch.cat([q, torch.zeros_like(k), v]), k
-        else:
-            rest[name] = u
-    return rest, keys
-
-
 def assert_sites(got, step, what: str) -> None:
     for b in step["sites"]:
         kept = got["kept"][b]
@@ -190,7 +173,7 @@ def assert_steps(got, step) -> None:
     updates = compact.unpack_all(step["updates"])
     steps.assert_all_close(got["params"], {k: init[k] + u for k, u in updates.items()}, 1e-5,
                            f"parameters after {step['steps']} steps")
-    ours, theirs = key_bias({k: v - init[k] for k, v in got["params"].items()}), key_bias(updates)
+    ours, theirs = steps.split_key_bias({k: v - init[k] for k, v in got["params"].items()}), steps.split_key_bias(updates)
     steps.assert_all_close(ours[0], theirs[0], UPDATE_BOUND, "updates")
     for name, key in theirs[1].items():
         scale = updates[name].abs().max()
