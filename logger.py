@@ -243,18 +243,23 @@ def restore_record(path: str, record: Optional[Dict[str, Any]]) -> bool:
 
 def run_totals(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Times of a whole run from its epoch records, over every process that trained it (a resumed run's log holds
-    all its epochs; ``wall_seconds`` restarts at 0 in each process, so its increments are summed)."""
+    all its epochs). ``wall_seconds`` counts from its process's start (``process_started``, a Unix time; records
+    without it: a new process wherever ``wall_seconds`` goes down), so the run's wall-clock is the sum of each
+    process's last value."""
     train = sum(r.get("train_epoch_seconds", 0.0) for r in records)
     images = sum(r.get("train_images_per_s", 0.0) * r.get("train_epoch_seconds", 0.0) for r in records)
-    wall, prev, processes = 0.0, None, 0
+    last: Dict[Any, float] = {}
+    process, prev = 0, None
     for r in records:
         w = r.get("wall_seconds", 0.0)
-        if prev is None or w < prev:
-            processes, wall, prev = processes + 1, wall + w, w
-        else:
-            wall, prev = wall + w - prev, w
+        if "process_started" in r:
+            process = ("started", r["process_started"])
+        elif prev is not None and w < prev:
+            process = process + 1 if isinstance(process, int) else 0
+        prev = w
+        last[process] = w
     return {"train_seconds": train, "train_compute_seconds": sum(r.get("train_compute_seconds", 0.0) for r in records),
-            "wall_seconds": wall, "images_per_s": images / max(train, 1e-9), "processes": processes}
+            "wall_seconds": sum(last.values()), "images_per_s": images / max(train, 1e-9), "processes": len(last)}
 
 
 def read_iterations(path: str) -> List[Dict[str, Any]]:

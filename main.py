@@ -340,7 +340,7 @@ def save_mid_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[l
 
 
 def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list], global_step: int,
-              wall_start: float, stop: StopSignals) -> Tuple[Dict[str, Any], bool]:
+              wall_start: Tuple[float, float], stop: StopSignals) -> Tuple[Dict[str, Any], bool]:
     """Evaluate, log the epoch (fsync), then write checkpoint.pth (on its ``save_every`` epochs, when it improved,
     at the end and when a signal asks to stop) and, when it improved, link best.pth to it. Returns the record and
     whether to stop."""
@@ -367,7 +367,8 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
               **{f"val_{k}": v for k, v in val.items()},
               **({f"val_ema_{k}": v for k, v in val_ema.items()} if val_ema else {}),
               **{f"val_{suffix}_{k}": v for suffix, s in val_extra.items() for k, v in s.items()},
-              "best_acc1": r.best["acc1"], "n_parameters": r.n_params, "wall_seconds": time.perf_counter() - wall_start}
+              "best_acc1": r.best["acc1"], "n_parameters": r.n_params, "wall_seconds": time.perf_counter() - wall_start[0],
+              "process_started": wall_start[1]}
     try:
         log.log_epoch(record)
     except LogWriteError as e:        # the checkpoint first: a logging failure must not cost the training state
@@ -423,7 +424,7 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
         log.info(note)
     r.scheduler.step(lr_epoch(cfg, r.start.epoch))
     global_step = r.start.global_step
-    wall_start = time.perf_counter()
+    wall_start = (time.perf_counter(), round(time.time(), 3))    # this process's clock, and when it started
     history = []
     stop.armed = True
     for epoch in range(r.start.epoch, cfg.total_epochs()):

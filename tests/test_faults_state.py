@@ -8,7 +8,6 @@ Each case goes through ``main.main(argv)`` (or ``scripts/compare.py``'s reader) 
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 

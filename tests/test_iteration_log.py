@@ -24,7 +24,6 @@ from torch import nn
 import engine
 import main as entry
 from logger import ITERATIONS, RunLogger, read_iterations, trim_iterations
-from methods import MethodSet
 from tests.runs import ROOT, TINY_MODEL, load, main_argv, read_log
 from tests.test_faults import make_tree
 
