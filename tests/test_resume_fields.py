@@ -33,7 +33,8 @@ METHODS = {   # the methods' flags, and the epoch and batch at which the stopped
                             "--efficienttrain", "{input_sizes: [12, 16], rand_magnitudes: [1, 9], rand_augment: null, "
                             "batch_scale: [2, 1]}", *TOE_TWO_STAGES], 1, 5),
 }
-TIMINGS = {"wall_seconds", "train_images_per_s", "train_epoch_seconds", "train_data_seconds", "train_compute_seconds"}
+TIMINGS = {"wall_seconds", "process_started", "train_images_per_s", "train_epoch_seconds", "train_data_seconds",
+           "train_compute_seconds"}
 STOPPER = textwrap.dedent("""
     import signal, sys
     sys.path.insert(0, {root!r})
