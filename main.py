@@ -403,9 +403,10 @@ def check_finite_weights(r: Run, epoch: int, global_step: int) -> None:
     for who, model in (("model", r.model), ("EMA", r.model_ema.module if r.model_ema is not None else None)):
         if model is None:
             continue
-        norms = torch._foreach_norm([p.detach() for p in model.parameters()])
-        if not bool(torch.isfinite(torch.stack(norms)).all()):
-            bad = next(n for (n, _), v in zip(model.named_parameters(), norms) if not torch.isfinite(v))
+        if bool(torch.isfinite(nn.utils.get_total_norm([p.detach() for p in model.parameters()]))):
+            continue                            # one reduction and one sync; the scan below only if it is not finite
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:                     # (None: finite weights whose norm overflowed)
             raise NonFiniteLossError(
                 f"the {who}'s weights are not finite after epoch {epoch + 1} (global iteration {global_step}; "
                 f"e.g. {bad}): stopped without saving; the last checkpoint is intact: resume it with a lower --lr "
