@@ -234,9 +234,10 @@ def restore_record(path: str, record: Optional[Dict[str, Any]]) -> bool:
     """Append a checkpoint's copy of its epoch's record when the log lacks it (a write failed, the file was lost)."""
     from checkpoint import write_text
 
-    if not _positioned(record, "epoch") or any(r["epoch"] == record["epoch"] for r in read_log(path)):
+    records = read_log(path)
+    if not _positioned(record, "epoch") or any(r["epoch"] == record["epoch"] for r in records):
         return False
-    kept = [r for r in read_log(path) if r["epoch"] < record["epoch"]]
+    kept = [r for r in records if r["epoch"] < record["epoch"]]
     write_text(path, "".join(json.dumps(r) + "\n" for r in [*kept, record]))
     return True
 
