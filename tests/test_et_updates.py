@@ -162,16 +162,16 @@ def test_run_takes_images_over_the_global_batch_updates_in_every_phase(digits, t
     assert [r["train_lr"] for r in log] == pytest.approx([curve[e * 22 + 21] for e in range(2)], rel=1e-9)
 
 
-# ------------------------------------------------------------------------------------------------ the README
+# ------------------------------------------------------------------------------------------------ the docs
 @pytest.mark.parametrize("config", ["deit_s_toe.yaml", "deit_s_et_toe.yaml"])
-def test_readme_plan_examples_are_what_the_command_prints(config, no_flops):
-    """Item 12: the README's ``--plan`` examples are today's output, line for line (the FLOPs line aside: counted
-    elsewhere, in tests of the plan's totals)."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+def test_documented_plan_examples_are_what_the_command_prints(config, no_flops):
+    """Item 12: the ``--plan`` examples of docs/reproducing.md ("See the plan") are today's output, line for line
+    (the FLOPs line aside: counted elsewhere, in tests of the plan's totals)."""
+    with open(os.path.join(ROOT, "docs", "reproducing.md"), encoding="utf-8") as f:
+        page = f.read()
     command = f"$ python main.py --config configs/{config} --plan\n"
-    assert command in readme
-    shown = readme.split(command, 1)[1].split("```", 1)[0].splitlines()
+    assert command in page
+    shown = page.split(command, 1)[1].split("```", 1)[0].splitlines()
     cfg = load_config(os.path.join(CONFIGS, config))
     printed = plan_mod.format_plan(cfg, *plan_mod.plan(cfg)).splitlines()
     keep = lambda lines: [ln for ln in lines if not ln.startswith("training FLOPs")]      # noqa: E731
