@@ -3,7 +3,8 @@
 Keys are DeiT's argparse names (``lr``, ``drop_path``, ``model_ema_decay`` ...) with DeiT's defaults, so a DeiT user
 reads a config without a dictionary. Each training-acceleration method owns a section named after it (``toe:``,
 ``pss:`` ...): its schema and checks live in the method's package and are found through :mod:`methods`; the
-top-level ``methods`` key says which sections are active (default: every section present).
+top-level ``methods`` key says which sections are active (default: every section present). A section that changes
+what the model learns from rather than what it computes is an extension (:mod:`extensions`): present means on.
 
     cfg = load_config("configs/deit_s_toe.yaml", ["--lr", "1e-3", "--toe.keep_rates", "[0.4,0.7,1.0]"])
 
@@ -23,21 +24,8 @@ import yaml
 
 from checkpoint import first_line
 from config_sources import ConfigError, deep_merge, parse_overrides, read_yaml
+from extensions import ExtensionError, extension_class, extension_classes
 from methods import MethodError, method_class, registry
-from token_labels import BOX_ORDERS, RAND_AUGMENTS, SMOOTHING_FORMS
-
-
-@dataclass
-class TokenLabelConfig:
-    """LV-ViT token labeling: dense teacher labels from a packed store (scripts/generate_token_labels.py)."""
-    data: str = "data/token_labels"            # the packed label store directory
-    size: int = 14                             # token grid of the dense targets: input_size / patch size
-    cls_weight: float = 1.0                    # weight of the class-token loss
-    dense_weight: float = 1.0                  # weight of the dense (per-token) loss
-    cls_target: str = "label_map"              # label_map | ground_truth | corrected
-    box_order: str = "fixed"                   # fixed | published: the published code's crop box with x and y swapped
-    rand_augment: str = "photometric"          # photometric (after the crop, image only) | published (LV-ViT's: all ops on image and label map before the crop) | aligned
-    smoothing_form: str = "normalized"         # normalized (smoothed targets sum to 1) | published (the published on/off values: they sum to 1 + smoothing / K)
 
 
 @dataclass
@@ -80,7 +68,7 @@ class Config:
     best_on: str = "model"                     # model | ema: whose val top-1 picks best.pth
     # --- optimisation ----------------------------------------------------------------------------------------
     epochs: int = 300                          # training epochs (the lr schedule's length; cooldown_epochs follow)
-    cooldown_epochs: int = 0                   # epochs trained after `epochs` at min_lr (timm / TokenLabeling: LV-ViT trains 300 + 10)
+    cooldown_epochs: int = 0                   # epochs trained after `epochs` at min_lr (timm; LV-ViT trains 300 + 10)
     sched_step: str = "timm"                   # timm: epoch e trains with lr(e) | published: DeiT's loop, epoch e trains with lr(e - 1) (epochs 0 and 1 at warmup_lr) | iteration: set before each optimizer update, the decay after the warm-up (ConvNeXt / EfficientTrain code) | swin: stepped after each update (update g trains with lr(g - 1)), one decay over all updates whose first ones the warm-up replaces (SimMIM / Swin code)
     epoch_updates: str = "loader"              # loader: every micro-batch of the loader (a last, smaller update when grad_accum_steps does not divide them) | images: at most images // global batch updates, the micro-batches past them not trained (ConvNeXt / EfficientTrain engine)
     batch_size: int = 64                       # per process; global batch = batch_size * world_size * grad_accum_steps
@@ -130,19 +118,23 @@ class Config:
     teacher_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra timm.create_model arguments
     distillation_alpha: float = 0.5            # weight of the distillation loss, in [0, 1]
     distillation_tau: float = 1.0              # temperature of soft distillation
-    # --- LV-ViT token labeling ------------------------------------------------------------------------------
-    token_label: Optional[TokenLabelConfig] = None   # the token_label: section (null: off)
+    # the extension sections by name (see extensions.py), each the dataclass its extension declares; written as
+    # top-level keys (null: off)
+    extensions: Dict[str, Any] = field(default_factory=dict)
     # --- methods ---------------------------------------------------------------------------------------------
     methods: Optional[List[str]] = None        # active method sections, in order; null: every section present
     # the method sections by name (`toe:` ...), each the dataclass its method declares; written as top-level keys
     sections: Dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, name: str):
-        """``cfg.toe`` reads the method section ``toe`` (``None`` when absent) for every registered method."""
-        if name.startswith("__") or name == "sections":
+        """``cfg.toe`` reads the method section ``toe`` (``None`` when absent) for every registered method, and
+        likewise every registered extension's section."""
+        if name.startswith("__") or name in ("sections", "extensions"):
             raise AttributeError(name)
         if name in registry():
             return self.sections.get(name)
+        if name in extension_classes():
+            return self.extensions.get(name)
         raise AttributeError(f"Config has no key '{name}'")
 
     def total_epochs(self) -> int:
@@ -155,15 +147,21 @@ class Config:
         return list(self.sections) if self.methods is None else list(self.methods)
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every key as the YAML writes it: each registered extension's section (null when off) in the place of
+        ``extensions``, then the method sections, then ``methods``."""
         data = dataclasses.asdict(self)
-        sections = data.pop("sections")
-        methods = data.pop("methods")
-        data.update(sections)
-        data["methods"] = methods
-        return data
+        sections, methods, extensions = data.pop("sections"), data.pop("methods"), data["extensions"]
+        out: Dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "extensions":
+                out.update({name: extensions.get(name) for name in extension_classes()})
+            else:
+                out[key] = value
+        out.update(sections)
+        out["methods"] = methods
+        return out
 
 
-SECTIONS = {"token_label": TokenLabelConfig}     # sections that are not methods
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "data_set": ("imagenet", "cifar10", "cifar100", "folder", "digits"),
@@ -174,10 +172,6 @@ CHOICES = {
     "mixup_mode": ("batch", "pair", "elem"),
     "remode": ("pixel", "rand", "const"),
     "distillation_type": ("none", "soft", "hard"),
-    "token_label.cls_target": ("label_map", "ground_truth", "corrected"),
-    "token_label.box_order": BOX_ORDERS,
-    "token_label.rand_augment": RAND_AUGMENTS,
-    "token_label.smoothing_form": SMOOTHING_FORMS,
     "sched_step": ("timm", "published", "iteration", "swin"),
     "repeated_aug_single": ("always", "published"),
     "epoch_updates": ("loader", "images"),
@@ -186,8 +180,7 @@ CHOICES = {
 }
 NON_NEGATIVE = ("seed", "layer_decay", "num_workers", "weight_decay", "lr", "warmup_lr", "min_lr", "warmup_epochs",
                 "mixup", "cutmix", "model_ema_decay", "clip_grad", "color_jitter", "opt_eps", "decay_epochs",
-                "decay_rate", "recount", "token_label.cls_weight", "token_label.dense_weight", "cooldown_epochs",
-                "log_every")
+                "decay_rate", "recount", "cooldown_epochs", "log_every")
 PROBABILITIES = ("reprob", "mixup_prob", "mixup_switch_prob", "hflip", "distillation_alpha")      # in [0, 1]
 RATES = ("drop", "drop_path", "smoothing", "momentum")                                          # in [0, 1)
 POSITIVE = ("epochs", "batch_size", "grad_accum_steps", "input_size", "lr_base_batch", "print_freq", "save_every",
@@ -276,6 +269,9 @@ def _build(cls, data: Dict[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
+SECTION_FIELDS = ("sections", "extensions")      # Config fields that hold sections: not keys of their own
+
+
 def method_sections() -> Dict[str, type]:
     """The registered methods by section name; a method named like a config key of its own cannot have a section."""
     methods = registry()
@@ -286,28 +282,39 @@ def method_sections() -> Dict[str, type]:
     return methods
 
 
+def extension_sections() -> Dict[str, type]:
+    """The registered extensions by section name; each needs a name no config key or method has."""
+    extensions = extension_classes()
+    taken = {f.name for f in dataclasses.fields(Config)} | set(registry())
+    for name in extensions:
+        if name in taken:
+            raise ValueError(f"extension name '{name}' is a config key or method already; a section needs a name of its own")
+    return extensions
+
+
 def _build_config(data: Dict[str, Any]) -> Config:
-    """The top level: Config's own keys, plus one section per registered method (``toe:`` ...)."""
-    methods = method_sections()
-    own, sections = {}, {}
+    """The top level: Config's own keys, plus one section per registered method (``toe:`` ...) or extension."""
+    methods, extensions = method_sections(), extension_sections()
+    own, sections, extension_data = {}, {}, {}
     for key, value in data.items():
-        if key in methods:
+        if key in methods or key in extensions:
             if value is not None:
-                sections[key] = _coerce(value, methods[key].Config, key)
-        elif key == "sections":
-            raise ConfigError("unknown config key 'sections'; write each method section at the top level (e.g. toe:)")
+                into, cls = (sections, methods[key]) if key in methods else (extension_data, extensions[key])
+                into[key] = _coerce(value, cls.Config, key)
+        elif key in SECTION_FIELDS:
+            raise ConfigError(f"unknown config key '{key}'; write each section at the top level (e.g. toe:)")
         else:
             own[key] = value
-    own_keys = [f.name for f in dataclasses.fields(Config) if f.name != "sections"]
+    own_keys = [f.name for f in dataclasses.fields(Config) if f.name not in SECTION_FIELDS]
     for key in own:
         if key not in own_keys:
-            close = difflib.get_close_matches(key, own_keys + list(methods), n=1, cutoff=0.5)
+            close = difflib.get_close_matches(key, own_keys + list(methods) + list(extensions), n=1, cutoff=0.5)
             hint = ("; python main.py --help lists them" if not close else
                     f"; did you mean the method section '{close[0]}'?" if close[0] in methods else
                     f"; did you mean '{close[0]}'?")
             raise ConfigError(f"unknown config key '{key}'{hint}")
     cfg = _build(Config, own)
-    cfg.sections = sections
+    cfg.sections, cfg.extensions = sections, extension_data
     return cfg
 
 
@@ -322,13 +329,14 @@ def bool_keys() -> set:
 
 
 def section_classes() -> Dict[str, type]:
-    """Section name -> dataclass, for the non-method sections and every registered method."""
-    return {**SECTIONS, **{name: m.Config for name, m in registry().items()}}
+    """Section name -> dataclass, for every registered extension and every registered method."""
+    return {**{name: e.Config for name, e in extension_classes().items()},
+            **{name: m.Config for name, m in registry().items()}}
 
 
 def _apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
     data = dict(data)
-    sections = set(SECTIONS) | set(registry())
+    sections = set(extension_classes()) | set(registry())
     for key, value in overrides.items():
         if key in sections and isinstance(value, dict):
             current = data.get(key)
@@ -346,9 +354,10 @@ def _apply_overrides(data: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[st
 
 
 def validate(cfg: Config) -> Config:
-    """Checks that need more than a type: choices, ranges, and each method section through its method."""
+    """Checks that need more than a type: choices, ranges, and each section through its extension or method."""
     _check_ranges(cfg)
     _check_models_and_data(cfg)
+    _check_extensions(cfg)
     if cfg.reproduces is not None:
         check_reproduces(cfg.reproduces)
     _check_methods(cfg)
@@ -356,12 +365,9 @@ def validate(cfg: Config) -> Config:
 
 
 def _check_ranges(cfg: Config) -> None:
-    """Choices and numeric ranges of the top-level keys and the non-method sections."""
-    flat = {k: v for k, v in cfg.to_dict().items() if k not in cfg.sections}
-    for section in SECTIONS:
-        sub = flat.pop(section)
-        for k, v in (sub or {}).items():
-            flat[f"{section}.{k}"] = v
+    """Choices and numeric ranges of the top-level keys (a section checks its own: choices when built, ranges in
+    its extension's or method's validate)."""
+    flat = dataclasses.asdict(cfg)
     for key, choices in CHOICES.items():
         if key in flat and flat[key] not in choices:
             raise ConfigError(f"{key}: '{flat[key]}' is not one of {', '.join(choices)}")
@@ -400,16 +406,15 @@ def _check_models_and_data(cfg: Config) -> None:
         raise ConfigError(f"teacher_path: distillation_type '{cfg.distillation_type}' needs a local teacher checkpoint file")
     if cfg.eval and not (cfg.resume or cfg.finetune):
         raise ConfigError("eval: true needs weights: set resume (or finetune) to a checkpoint path")
-    if cfg.token_label is not None:
-        for key in ("mixup", "cutmix"):
-            if getattr(cfg, key) > 0:
-                raise ConfigError(f"{key}: must be 0 with token_label (MixToken replaces mixup and cutmix)")
-        if cfg.distillation_type != "none":
-            raise ConfigError("distillation_type: must be none with token_label (the dense labels are the teacher)")
-        if cfg.data_set not in ("imagenet", "folder", "digits"):
-            raise ConfigError(f"data_set: token_label needs an ImageFolder dataset (imagenet, folder), not {cfg.data_set}")
-        if cfg.token_label.size <= 0:
-            raise ConfigError(f"token_label.size: {cfg.token_label.size} must be > 0")
+
+
+def _check_extensions(cfg: Config) -> None:
+    """Each extension section through its extension (its own ranges and the keys it cannot run with)."""
+    try:
+        for name, section in cfg.extensions.items():
+            extension_class(name).validate(section, cfg)
+    except ExtensionError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_methods(cfg: Config) -> None:

@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple, Union
 
 import yaml
 
-from config import Config, _type_name, section_classes
+from config import SECTION_FIELDS, Config, _type_name, section_classes
 from methods import registry
 
 
@@ -78,7 +78,7 @@ def key_rows() -> List[Tuple[str, str, str, str, str]]:
     hints = typing.get_type_hints(Config)
     docs = field_docs(Config)
     for f in dataclasses.fields(Config):
-        if f.name == "sections" or dataclasses.is_dataclass(_strip_optional(hints[f.name])):
+        if f.name in SECTION_FIELDS or dataclasses.is_dataclass(_strip_optional(hints[f.name])):
             continue
         group, text = docs[f.name]
         rows.append((f"{group}:" if group else "general:", f.name, _type_name(hints[f.name]), _default_text(f),

@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes, has_file_allowed_extension
 
+from extensions import ExtensionSet
+
 
 class DatasetError(ValueError):
     """A data mistake; ``str(err)`` is the one line shown to the user."""
@@ -270,9 +272,10 @@ def check_num_classes(cfg_nb_classes: Optional[int], dataset_classes: int) -> in
     return dataset_classes
 
 
-def build_dataset(cfg, is_train: bool, warn: bool = True) -> Tuple[Dataset, int]:
+def build_dataset(cfg, is_train: bool, warn: bool = True, extensions=None) -> Tuple[Dataset, int]:
     """The ``train`` (or ``val``) split of ``cfg.data_set`` with DeiT's transforms, and its class count; ``warn``:
-    print what the folder walk skipped (one process of a run says it)."""
+    print what the folder walk skipped (one process of a run says it). The training split goes through the config's
+    extensions (``extensions``: an :class:`extensions.ExtensionSet`, else the one ``cfg`` describes)."""
     transform = build_transform(cfg, is_train)
     root = cfg.data_path
     _check_data_path(root)
@@ -284,22 +287,12 @@ def build_dataset(cfg, is_train: bool, warn: bool = True) -> Tuple[Dataset, int]
         if cfg.data_set == "digits":
             prepare_digits(root)
         ds = _image_folder(root, "train" if is_train else "val", transform, warn)
-        if is_train and getattr(cfg, "token_label", None) is not None:
-            ds = _with_token_labels(cfg, ds)
     else:
         raise DatasetError(f"data_set: unknown dataset '{cfg.data_set}' (imagenet, folder, cifar10, cifar100, digits)")
-    return ds, check_num_classes(cfg.nb_classes, len(ds.classes))
-
-
-def _with_token_labels(cfg, images: datasets.ImageFolder) -> Dataset:
-    """LV-ViT's training set: the crop and flip are drawn once for the image and its dense label map."""
-    from token_labels import TokenLabelDataset, build_token_label_transforms
-    t = build_token_label_transforms(cfg.input_size, cfg.color_jitter, cfg.aa, cfg.train_interpolation, cfg.reprob,
-                                     cfg.remode, cfg.recount, rand_augment=cfg.token_label.rand_augment)
-    fix_posterize(t.joint if t.joint is not None else t.image)     # the RandAugment sits in one of the two
-    return TokenLabelDataset(images, cfg.token_label.data, cfg.input_size, num_classes=len(images.classes),
-                             scale=tuple(cfg.crop_scale), hflip=cfg.hflip, interpolation=cfg.train_interpolation,
-                             image_transform=t.image, joint_transform=t.joint)
+    nb_classes = check_num_classes(cfg.nb_classes, len(ds.classes))
+    if is_train:
+        ds = (extensions if extensions is not None else ExtensionSet.from_config(cfg)).train_dataset(ds, cfg)
+    return ds, nb_classes
 
 
 # ------------------------------------------------------------------------------------------------ samplers
@@ -550,7 +543,7 @@ class ShardSampler(Sampler[int]):
 
 
 # ------------------------------------------------------------------------------------------------ loaders
-def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoader, DataLoader, int]:
+def build_loaders(cfg, rank: int, world_size: int, seed: int, extensions=None) -> Tuple[DataLoader, DataLoader, int]:
     """Train and val loaders for one process, and the class count.
 
     ``seed`` must be the same on every rank: it orders the shared shuffle. Training samples end with their dataset
@@ -559,7 +552,7 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int) -> Tuple[DataLoade
     is drawn (:func:`sample_seed`: seed, epoch, rank, position), so it does not depend on the number of workers or
     on the batches a resumed epoch skips. Workers ignore SIGINT/SIGTERM (the main process handles them).
     """
-    train_set, nb_classes = build_dataset(cfg, is_train=True, warn=rank == 0)
+    train_set, nb_classes = build_dataset(cfg, is_train=True, warn=rank == 0, extensions=extensions)
     val_set, _ = build_dataset(cfg, is_train=False, warn=rank == 0)
     skip = bool(getattr(cfg, "skip_bad_images", False))
     if skip:

@@ -221,7 +221,7 @@ class _Epoch:
         *data, indices = batch
         self.skipped += batch_size - len(indices)       # images left out (skip_bad_images)
         images = data[0].to(self.device, non_blocking=True)
-        # (images, class) or, with token labels, (images, class, label map): the criterion gets the rest as targets
+        # (images, class), or (images, class, labels) from an extension's training set: the rest are the targets
         targets = to_device(data[1] if len(data) == 2 else tuple(data[1:]), self.device)
         labels = targets if torch.is_tensor(targets) else targets[0]
         if self.input_size is not None and images.shape[-1] != self.input_size:

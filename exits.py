@@ -15,13 +15,13 @@ from config import ConfigError
 from datasets import DatasetError
 from distributed import DeviceError, DistInfo, any_rank
 from engine import AmpError, NonFiniteLossError
+from extensions import ExtensionError
 from methods import MethodError
 from models.resize import ResizeError
-from token_labels import TokenLabelError
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 3
-CONFIG_ERRORS = (ConfigError, MethodError, DeviceError, AmpError, ResizeError)
-RUN_ERRORS = (DatasetError, TokenLabelError, CheckpointError, RunDirError, NonFiniteLossError)
+CONFIG_ERRORS = (ConfigError, MethodError, ExtensionError, DeviceError, AmpError, ResizeError)
+RUN_ERRORS = (DatasetError, CheckpointError, RunDirError, NonFiniteLossError)   # an extension's data errors among them
 
 
 class Stopped(Exception):

@@ -52,6 +52,7 @@ from engine import NonFiniteLossError, evaluate, resolve_amp, train_one_epoch
 from exits import (CONFIG_ERRORS, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_STOPPED, RUN_ERRORS, Abort, PeerStopped,
                    StopSignals, Stopped, one_line, peer_failure)
 from logger import LogWriteError, RunLogger, format_seconds, read_log, run_totals
+from extensions import ExtensionSet
 from methods import Clock, MethodSet
 from models.resize import at_input_size, input_size_of, set_input_size
 from parts import (build_criterion, build_model, check_model, check_recipe_batches, count_parameters,
@@ -126,6 +127,7 @@ class Run:
     val_loader: Any = None
     nb_classes: int = 0
     methods: MethodSet = None
+    extensions: ExtensionSet = None           # the config's extension sections (training set, criterion, model checks)
     model: nn.Module = None                   # the bare model (what is saved)
     ddp_model: nn.Module = None               # DDP-wrapped (or the bare model on one process)
     train_model: nn.Module = None             # what training calls (compiled when asked)
@@ -190,17 +192,18 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     resume_file, ckpt, stamp = load_resume(cfg)
     seed_all(cfg.seed + dist.rank)
     r.methods = MethodSet.from_config(cfg)
+    r.extensions = ExtensionSet.from_config(cfg)
     every_epoch = [settings_at(cfg, r.methods, e) for e in range(cfg.total_epochs())]
     r.resizing = any((s.input_size, s.eval_size) != (cfg.input_size, cfg.input_size) for s in every_epoch)
     start = ckpt_io.resume_state(ckpt, resume_file).next_epoch if ckpt is not None and not cfg.eval else 0
     r.settings = every_epoch[min(start, len(every_epoch) - 1)]
     r.train_loader, r.val_loader, nb_classes = build_loaders(recipe_config(cfg, r.settings), dist.rank,
-                                                             dist.world_size, cfg.seed)
+                                                             dist.world_size, cfg.seed, extensions=r.extensions)
     r.val_loader = with_batch_size(r.val_loader, int(1.5 * cfg.batch_size))
     check_recipe_batches(r, every_epoch)
     r.nb_classes = check_num_classes(cfg.nb_classes, nb_classes)
     r.model = build_model(cfg, r.nb_classes, r.methods, img_size=cfg.input_size if cfg.eval else r.settings.input_size)
-    check_model(cfg, r.model)
+    check_model(cfg, r.model, r.extensions)
     if cfg.finetune:
         report = ckpt_io.adapt_for_finetune(r.model, ckpt_io.model_state(ckpt_io.load_checkpoint(cfg.finetune, "finetune")),
                                             f"finetune {cfg.finetune}")
@@ -209,7 +212,7 @@ def build(cfg: Config, dist: DistInfo, log: RunLogger) -> Run:
     r.model.to(dist.device)
     r.n_params = count_parameters(r.model, cfg.input_size if r.resizing else None)
     build_optimizer(r)
-    r.criterion, r.mixup_fn = build_criterion(cfg, r.nb_classes, dist.device)
+    r.criterion, r.mixup_fn = build_criterion(cfg, r.nb_classes, dist.device, r.extensions)
     if ckpt is not None:
         if cfg.eval:
             saved_size = (ckpt.get("clock") or {}).get("input_size")
@@ -234,7 +237,8 @@ def apply_recipe(r: Run, epoch: int) -> None:
     cfg, new = r.cfg, settings_at(r.cfg, r.methods, epoch)
     changed = []
     if new.loader_key() != r.settings.loader_key():
-        r.train_loader = build_loaders(recipe_config(cfg, new), r.dist.rank, r.dist.world_size, cfg.seed)[0]
+        r.train_loader = build_loaders(recipe_config(cfg, new), r.dist.rank, r.dist.world_size, cfg.seed,
+                                       extensions=r.extensions)[0]
         r.iters_per_epoch = trained_iterations(r, new, len(r.train_loader))
         changed.append(f"batch {new.batch_size}/process, RandAugment {new.aa or 'none'}")
     if new.grad_accum_steps != r.settings.grad_accum_steps:

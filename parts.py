@@ -17,6 +17,7 @@ from checkpoint import first_line
 from config import Config, ConfigError
 from datasets import DatasetError
 from engine import DistillationLoss
+from extensions import ExtensionError, ExtensionSet
 from methods import MethodError, MethodSet
 from models import create_model
 from models.resize import at_input_size
@@ -64,11 +65,12 @@ def _close_arguments(model_name: str, class_name: str, key: str) -> str:
     return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; it takes {', '.join(names[:12])}, ..."
 
 
-def check_model(cfg: Config, model: nn.Module) -> None:
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if cfg.token_label is not None and grid is not None and tuple(grid) != (cfg.token_label.size,) * 2:
-        raise ConfigError(f"token_label.size: {cfg.token_label.size} does not match the model's {tuple(grid)} token grid "
-                          f"at input_size {cfg.input_size}; set it to input_size / patch size")
+def check_model(cfg: Config, model: nn.Module, extensions: Optional[ExtensionSet] = None) -> None:
+    """The built model against the config: the extensions' checks (e.g. a label grid) and distillation's head."""
+    try:
+        (extensions if extensions is not None else ExtensionSet.from_config(cfg)).check_model(model)
+    except ExtensionError as e:
+        raise ConfigError(str(e)) from None
     if cfg.distillation_type != "none":
         if not hasattr(model, "set_distilled_training"):
             raise ConfigError(f"distillation_type: '{cfg.distillation_type}' needs a distilled model "
@@ -76,7 +78,9 @@ def check_model(cfg: Config, model: nn.Module) -> None:
         model.set_distilled_training(True)
 
 
-def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
+def build_criterion(cfg: Config, nb_classes: int, device: torch.device, extensions: Optional[ExtensionSet] = None):
+    """The training criterion and mixup: an extension's criterion when one gives it (then no mixup and no
+    distillation), else DeiT's (label smoothing or soft targets, with the distillation loss around it)."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -94,11 +98,9 @@ def build_criterion(cfg: Config, nb_classes: int, device: torch.device):
         base = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     else:
         base = nn.CrossEntropyLoss()
-    if cfg.token_label is not None:
-        from token_labels import TokenLabelCriterion
-        tl = cfg.token_label
-        return TokenLabelCriterion(nb_classes, tl.size, cfg.smoothing, tl.cls_weight, tl.dense_weight, tl.cls_target,
-                                   box_order=tl.box_order, smoothing_form=tl.smoothing_form), None
+    replaced = (extensions if extensions is not None else ExtensionSet.from_config(cfg)).criterion(nb_classes)
+    if replaced is not None:
+        return replaced, None
     teacher = None
     if cfg.distillation_type != "none":
         import timm

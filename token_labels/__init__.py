@@ -19,8 +19,9 @@ batch of them into targets on the device, as the published code does: scatter th
 ``[B, K, H, W]`` map, RoIAlign the crop box to the token grid (and to 1x1 for the class token), flip, softmax.
 Photometric augmentations only touch the image.
 
-Published fidelity, each behind an argument whose default is this repository's behaviour (the config keys that choose
-them are wired in ``config.py`` / ``datasets.py`` / ``main.py``; the published behaviour is what the table configs use):
+Published fidelity, each behind an argument whose default is this repository's behaviour (the ``token_label:`` config
+keys that choose them are declared in :mod:`token_labels.extension`; the published behaviour is what the table configs
+use):
 
 * ``box_order`` (:func:`token_label_targets`): the published code stores the crop as ``(top, left, h, w)`` and hands
   ``(top, left, bottom, right)`` to RoIAlign, which reads ``(x1, y1, x2, y2)``: it crops the label map with x and y
@@ -43,6 +44,8 @@ MixToken's area mixing of the class target. Every data problem stops with a :cla
 The package: :mod:`token_labels.store` (the packed store and the ``.pt`` conversion), :mod:`token_labels.targets`
 (crop-aware targets), :mod:`token_labels.data` (the dataset and its augmentations), :mod:`token_labels.loss` (the
 loss and the criterion the trainer builds); every public name is importable from ``token_labels``.
+:mod:`token_labels.extension` plugs it into training as the ``token_label:`` section (see :mod:`extensions`): its
+schema and checks, the training set and the criterion, found by the trainer without naming it.
 """
 from .data import (GEOMETRIC_RAND_OPS, RAND_AUGMENTS, LabelRandAugment, TokenLabelDataset, TokenLabelTransforms,
                    affine_label, build_image_transform, build_token_label_transforms, label_op_matrix)

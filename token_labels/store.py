@@ -10,13 +10,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from datasets import DatasetError
+
 FORMAT = "toe-token-labels"
 VERSION = 1
 INDEX_FILE, SCORES_FILE, INDICES_FILE, DONE_FILE = "index.json", "scores.npy", "indices.npy", "done.npy"
 
 
-class TokenLabelError(ValueError):
-    """A token-label data mistake; ``str(err)`` is one line naming the image or the store and the fix."""
+class TokenLabelError(DatasetError):
+    """A token-label data mistake; ``str(err)`` is one line naming the image or the store and the fix. A data error
+    of the run like any other (its exit code and one-line report)."""
 
 
 def image_key(path: str, root: str) -> str:
