@@ -354,9 +354,13 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
         val_ema = (evaluate(ema, r.val_loader, dev, r.amp_dtype, resize)
                    if ema is not None and cfg.model_ema_eval else None)
         val_extra = {}
-        for suffix, setting in r.methods.eval_variants().items():
-            with setting():
+        patches = int(getattr(getattr(r.model, "patch_embed", None), "num_patches", 0) or 0)
+        for suffix, state in r.methods.eval_variants(patches, cfg.epochs, r.iters_per_epoch).items():
+            undo = state.apply(model)
+            try:
                 val_extra[suffix] = evaluate(model, r.val_loader, dev, r.amp_dtype, resize)
+            finally:
+                undo()
     score = (val_ema if cfg.best_on == "ema" else val)["acc1"]
     improved = score > r.best["acc1"]
     if improved:

@@ -24,7 +24,7 @@ from torch import nn
 from flop_count import (EXTRA_HANDLES, FWD_BWD_FACTOR, FlopCount, VariantFlops, analytic_vit_flops,  # noqa: F401
                         count_flops, epoch_flops, flops_report_json, format_flops_report, input_channels,
                         schedule_training_flops, si_flops, training_flops, unfused_attention, vit_dims)
-from methods import MethodSet
+from methods import MethodError, MethodSet, Variant
 from models import create_model
 from recipe import base_settings, planned_iterations
 from throughput import (OpTimer, Timed, TrainingBench, autocast_for, benchmark_inference, device_name,  # noqa: F401
@@ -94,11 +94,11 @@ def model_flops(cfg, num_classes: int, input_size: Optional[int] = None, images:
 
     full = measured("full tokens", plain, 1.0, None, ())
     num_patches = full.patch_tokens
+    iters = iterations_per_epoch(cfg, images or 1_281_167, world_size)
     variants: List[VariantFlops] = []
     if len(methods):
         model = _prepared(create_model(cfg, num_classes, methods, img_size=size), cfg)
         ops = methods.op_modules(model)
-        iters = iterations_per_epoch(cfg, images or 1_281_167, world_size)
         for v in methods.variants(num_patches, cfg.epochs, iters):
             v.apply(model)              # a state with its own input_size resizes the model (a curriculum phase)
             vf = measured(v.label, model, v.share, v.epochs, ops, v.apply, v.input_size or size)
@@ -106,10 +106,20 @@ def model_flops(cfg, num_classes: int, input_size: Optional[int] = None, images:
             vf.same_as_full = (vf.fvcore.method_op == 0 and not vf.fvcore.op_acted
                                and vf.fvcore.total == full.fvcore.total
                                and vf.fvcore.block_tokens == full.fvcore.block_tokens)
+            check_applied(v, vf.patch_tokens, num_patches)
             variants.append(vf)
     return {"model": cfg.model, "input_size": size, "num_classes": num_classes, "params": params,
             "num_patches": num_patches, "epochs": cfg.epochs, "methods": methods.names,
-            "data_fraction": methods.data_fraction(), "full": full, "variants": variants}
+            "data_fraction": methods.data_fraction(num_patches, cfg.epochs, iters), "full": full, "variants": variants}
+
+
+def check_applied(v: Variant, counted_tokens: int, num_patches: int) -> None:
+    """A state that declares fewer patch tokens must run fewer in the counted (eval-mode) forward: else its
+    ``apply`` left the method's operator off in eval mode, and the report would show 1.0x without a word."""
+    if v.patch_tokens is not None and v.patch_tokens < num_patches and counted_tokens >= num_patches:
+        raise MethodError(f"{v.label}: this state declares {v.patch_tokens} of {num_patches} patch tokens but the "
+                          f"model ran all {num_patches} when it was counted (in eval mode); its Variant.apply must "
+                          f"turn the method's operator on in eval mode too")
 
 
 def _timed_states(cfg, num_classes: int, methods: MethodSet, flops: Dict[str, Any], bench: TrainingBench,

@@ -10,17 +10,18 @@ defines one :class:`Method` subclass and registers it under the name of its conf
         Config = MineConfig             # a dataclass: the section's keys, types and defaults
 
 The engine and the entrypoint only ever talk to a :class:`MethodSet` at a handful of typed points (the nearest
-anchor is MosaicML Composer's algorithms and events, kept smaller): build the model (``patch``), follow the training
-clock (``on_epoch`` / ``on_step``), change the recipe per epoch (``recipe``: input size, batch, RandAugment; the
-trainer rebuilds the loaders and resizes the model), choose and observe training examples (``train_indices`` /
-``observe``), report (``epoch_fields`` / ``step_fields`` / ``progress`` / ``summary``), checkpoint (``state_dict``), evaluate
-(``eval_variants``) and be measured (``variants`` / ``op_modules`` / ``inference_knob``). Every hook has a do-nothing default, so a method
-implements only what it changes. Packages beside this file that hold a ``method.py`` are imported on first use of
+anchor is MosaicML Composer's algorithms and events, kept smaller): build the model (``patch``, which returns the
+method's operator modules), follow the training clock (``on_epoch`` / ``on_step``), change the recipe per epoch
+(``recipe``: input size, batch, RandAugment, how batches are resized; the trainer rebuilds the loaders and resizes the
+model), choose and observe training examples (``train_indices`` / ``observe``), report (``fields``: numbers the generic
+code logs and formats; ``plan_state``: the state of an epoch from the config alone, which also marks the phase
+boundaries), checkpoint (``state_dict`` / ``load_state_dict``), and be measured and evaluated (``variants``: the
+states to count, time and evaluate; ``inference_knob``: a setting to sweep at inference). Every hook has a do-nothing
+default, so a method implements only what it changes. Packages beside this file that hold a ``method.py`` are imported on first use of
 the registry: a new method needs its package and a config, nothing else.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import itertools
@@ -62,21 +63,31 @@ class TokenSite:
     what: str = ""
 
 
+VARIANT_USES = ("train", "eval")
+
+
 @dataclass
 class Variant:
-    """One state of a method to measure: FLOPs are counted and steps timed with the model in this state.
+    """One state of a method: FLOPs are counted and steps timed with the model in it (``use: train``), or the model
+    is also evaluated in it every epoch, logged as ``val_<key>_*`` (``use: eval``).
 
     ``share``: the fraction of all training images that go through the model in this state (the shares of one
-    method sum to 1); ``apply(model)`` puts a model in this state with the method's operator on also in eval mode.
+    method's training states sum to 1); ``apply(model)`` puts a model in this state with the method's operator on
+    also in eval mode, and returns a function that puts the model back (``None``: nothing to undo; an ``eval`` state
+    must return one). ``data_fraction``: the fraction of the training set an epoch presents in this state (an
+    example-level method trains on a subset).
     """
     label: str
     share: float
-    apply: Callable[[nn.Module], None]
+    apply: Callable[[nn.Module], Optional[Callable[[], None]]]
     patch_tokens: Optional[int] = None
     epochs: Optional[Tuple[int, int]] = None      # [first, last) when the state is a span of epochs
     # per epoch, the fraction of that epoch's iterations in this state (default: from `epochs`, else `share`)
     epoch_shares: Optional[Sequence[float]] = None
     input_size: Optional[int] = None              # the image size of this state (None: the config's input_size)
+    data_fraction: float = 1.0
+    use: str = "train"
+    key: str = ""                                 # use eval: the suffix of the val_<key>_* fields
 
     def share_in_epoch(self, epoch: int) -> float:
         if self.epoch_shares is not None:
@@ -93,13 +104,15 @@ class Recipe:
     The trainer applies it at the epoch's start: a new ``batch_size``, ``grad_accum_steps`` or ``aa`` rebuilds the
     training loader (in the same process); a new ``input_size`` resizes the model (its absolute position embedding
     and that parameter's optimizer moments follow, see :func:`models.resize.set_input_size`) and the loader's images
-    are brought to that size by :meth:`Method.resize_images`; ``eval_size`` is the size evaluation runs at.
+    are brought to that size by ``resize(images, size)`` (``None``: antialiased bilinear); ``eval_size`` is the size
+    evaluation runs at. ``resize`` must be a module-level function, so that one epoch's recipe equals the next's.
     """
     batch_size: Optional[int] = None          # per process
     grad_accum_steps: Optional[int] = None
     aa: Optional[str] = None                  # timm RandAugment / auto-augment policy string
     input_size: Optional[int] = None
     eval_size: Optional[int] = None
+    resize: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
 
     def merged(self, other: "Recipe", names: Tuple[str, str]) -> "Recipe":
         """This recipe with ``other``'s settings added; two methods may not set the same field."""
@@ -139,7 +152,7 @@ class PublishedRow:
     """One published table row, as data; ``None`` is a cell that was not recovered (shown as such, never guessed).
 
     Rows live in their method's package (``<package>/published.py``, a list ``ROWS``) and are found through the
-    registry (:meth:`Method.published_rows`, :func:`published_rows`). A run matches a row when it names it in its
+    registry (:func:`published_rows`). A run matches a row when it names it in its
     ``reproduces`` key, or by its model (unless the row's model is unknown), its active methods and every
     ``settings`` value of the row.
     """
@@ -166,8 +179,16 @@ class PublishedRow:
 
 
 # ---------------------------------------------------------------------------------------------- the interface
+FIELD_SCOPES = ("run", "epoch", "step")
+OP_TAG = "method_op"            # the attribute that marks a method's operator module (survives copy.deepcopy)
+
+
 class Method:
-    """Base class of a method plug-in. ``section`` is the validated config section, ``cfg`` the whole run config."""
+    """Base class of a method plug-in. ``section`` is the validated config section, ``cfg`` the whole run config.
+
+    ``models`` (every model of the run that carries the patch: the trained one, its EMA copy) and ``ops`` (the
+    operator modules :meth:`patch` returned, in those models) are set by :meth:`MethodSet.attach` before training.
+    """
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
@@ -178,6 +199,7 @@ class Method:
     def __init__(self, section: Any, cfg: Any):
         self.section, self.cfg = section, cfg
         self.models: List[nn.Module] = []
+        self.ops: List[nn.Module] = []
 
     # --- configuration ------------------------------------------------------------------------------------
     @classmethod
@@ -189,12 +211,10 @@ class Method:
         return None
 
     # --- the model ----------------------------------------------------------------------------------------
-    def patch(self, model: nn.Module) -> None:
-        """Change the live model built by the factory (hooks, module swaps); raise MethodError if it cannot."""
-
-    def attach(self, models: Sequence[nn.Module]) -> None:
-        """Every model of the run that carries the patch (the trained one, its EMA copy), once, before training."""
-        self.models = list(models)
+    def patch(self, model: nn.Module) -> Sequence[nn.Module]:
+        """Change the live model built by the factory (hooks, module swaps); raise MethodError if it cannot. Returns
+        the method's own operator modules (their FLOPs and time are reported on their own; ``self.ops`` later)."""
+        return ()
 
     # --- the clock ----------------------------------------------------------------------------------------
     def on_epoch(self, clock: Clock) -> None:
@@ -208,10 +228,6 @@ class Method:
         """The recipe settings this method imposes in ``epoch`` (default: none)."""
         return Recipe()
 
-    def resize_images(self, images: torch.Tensor, size: int) -> Optional[torch.Tensor]:
-        """A batch brought to ``size`` px, for a method whose recipe changes ``input_size`` (``None``: not mine)."""
-        return None
-
     def train_indices(self, epoch: int, dataset_len: int) -> Optional[Sequence[int]]:
         """Dataset indices to train on this epoch (``None``: all)."""
         return None
@@ -220,39 +236,22 @@ class Method:
         """Per-example outputs of a training step, when ``observes_examples`` is set."""
 
     # --- reporting ----------------------------------------------------------------------------------------
-    def describe(self) -> str:
-        """One line for the start-up banner."""
-        return self.label
+    def fields(self, scope: str) -> Dict[str, Any]:
+        """The method's state as plain numbers (lists and dicts of them allowed), for ``scope``:
 
-    def progress(self) -> str:
-        """A few words for the live progress line (the state right now)."""
-        return ""
+        * ``run``: what the run does, for the start line and the method's entry in ``summary.json``;
+        * ``epoch``: per-epoch figures for ``log.jsonl``, TensorBoard and the epoch line; keys start with ``<name>_``;
+        * ``step``: the state the last iteration trained in, for the live progress line and the per-iteration log
+          (``log_every``); keys start with ``<name>_``. Asked on rank 0 only: no collectives, nothing costly.
 
-    def epoch_fields(self) -> Dict[str, Any]:
-        """Per-epoch figures for ``log.jsonl`` and TensorBoard; keys start with ``<name>_``."""
+        The generic code formats them (:func:`fields_text`). Default: none."""
         return {}
-
-    def step_fields(self) -> Dict[str, Any]:
-        """The state the last iteration trained in, as numbers for the per-iteration log (``log_every``): keys start
-        with ``<name>_``. Asked on rank 0 only, every ``log_every`` iterations: no collectives, nothing costly."""
-        return {}
-
-    def epoch_text(self) -> str:
-        """The method's part of the one-line epoch summary."""
-        return ""
-
-    def summary(self) -> Dict[str, Any]:
-        """The method's entry in ``summary.json``."""
-        return {}
-
-    def boundaries(self) -> List[int]:
-        """Epochs where the method changes phase (marked in comparison plots)."""
-        return []
 
     def plan_state(self, clock: Clock, num_patches: int) -> str:
         """The method's state in epoch ``clock.epoch`` of a run of ``clock.epochs`` epochs of
-        ``clock.iters_per_epoch`` iterations, on ``num_patches`` patches, as short text for ``main.py --plan`` (a new
-        plan row starts where it changes); computed from the config alone, without a model or data. Default: ""."""
+        ``clock.iters_per_epoch`` iterations, on ``num_patches`` patches, as short text for ``main.py --plan``,
+        computed from the config alone. A new plan row starts where it changes, and comparison plots mark those
+        epochs as the method's phase boundaries. Default: "" (one phase)."""
         return ""
 
     # --- checkpoints --------------------------------------------------------------------------------------
@@ -266,40 +265,30 @@ class Method:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         pass
 
-    # --- evaluation and measurement -----------------------------------------------------------------------
-    def eval_variants(self) -> Dict[str, Callable[[], contextlib.AbstractContextManager]]:
-        """Extra evaluations besides the default one: ``{suffix: context factory}``, logged as ``val_<suffix>_*``."""
-        return {}
-
+    # --- measurement and evaluation -----------------------------------------------------------------------
     def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
-        """The states to count and time, with their share of the schedule (default: one state, the whole run)."""
+        """The states to count and time, with their share of the schedule (default: one state, the whole run), and
+        the states to evaluate in besides the default one (``use: eval``)."""
         return [Variant(self.label, 1.0, lambda model: None, num_patches)]
 
-    def op_modules(self, model: nn.Module) -> List[nn.Module]:
-        """The method's own operator modules inside ``model`` (their FLOPs and time are reported separately)."""
-        return []
-
-    def data_fraction(self) -> float:
-        """The fraction of the training set one epoch presents (an example-level method trains on a subset)."""
-        return 1.0
-
     def inference_knob(self) -> Optional[InferenceKnob]:
+        """A setting ``scripts/sweep.py`` moves at inference (PSS: the patch keep rate); ``None``: none."""
         return None
 
-    # --- published figures ----------------------------------------------------------------------------------
-    @classmethod
-    def published_rows(cls) -> List[PublishedRow]:
-        """The published rows of this method's paper(s), without a config: the ``ROWS`` list of the package's
-        ``published.py`` beside its ``method.py`` (none: ``[]``)."""
-        package, _, module = cls.__module__.rpartition(".")
-        if not package or module != "method" or importlib.util.find_spec(f"{package}.published") is None:
-            return []
-        return list(getattr(importlib.import_module(f"{package}.published"), "ROWS", []))
 
-    def published(self) -> List[PublishedRow]:
-        """The published rows this method offers to compare a run with (default: its class's rows; ``[]`` for a
-        method without a ``published.py``)."""
-        return self.published_rows()
+def fields_text(label: str, fields: Mapping[str, Any], prefix: str = "") -> str:
+    """``label: key value, key value`` with ``prefix`` cut from the keys and floats at 3 significant digits."""
+    def text(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, (list, tuple)):
+            return "/".join(text(x) for x in v)
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {text(x)}" for k, x in v.items()) + "}"
+        return str(v)
+    parts = [f"{k[len(prefix):] if prefix and k.startswith(prefix) else k} {text(v)}" for k, v in fields.items()
+             if v is not None]
+    return f"{label}: {', '.join(parts)}" if parts else label
 
 
 # ---------------------------------------------------------------------------------------------- the registry
@@ -346,9 +335,15 @@ def method_class(name: str) -> Type[Method]:
 
 
 def published_rows(names: Optional[Sequence[str]] = None) -> List[PublishedRow]:
-    """The published rows of every registered method (or of ``names``), in section-name order; no config needed."""
+    """The published rows of every registered method (or of ``names``), in section-name order, without a config:
+    the ``ROWS`` list of the ``published.py`` beside each method's ``method.py`` (none: no rows)."""
     reg = registry()
-    return [row for name in (sorted(reg) if names is None else names) for row in method_class(name).published_rows()]
+    out: List[PublishedRow] = []
+    for name in sorted(reg) if names is None else names:
+        package, _, module = method_class(name).__module__.rpartition(".")
+        if package and module == "method" and importlib.util.find_spec(f"{package}.published") is not None:
+            out += list(getattr(importlib.import_module(f"{package}.published"), "ROWS", []))
+    return out
 
 
 def parse_combination(text: str) -> List[str]:
@@ -365,13 +360,20 @@ def parse_combination(text: str) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- a run's methods
+def bilinear_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The default way a batch is brought to another input size: antialiased bilinear."""
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
+
+
 class MethodSet:
-    """The active methods of a run, in config order; fans every hook out to them."""
+    """The active methods of a run, in config order; fans every hook out to them and formats what they report."""
 
     def __init__(self, methods: Sequence[Method]):
         self.methods = list(methods)
         self.per_step = [m for m in self.methods if m.per_step]
         self.observers = [m for m in self.methods if m.observes_examples]
+        self.resize: Callable[[torch.Tensor, int], torch.Tensor] = bilinear_resize
 
     @classmethod
     def from_config(cls, cfg) -> "MethodSet":
@@ -389,17 +391,30 @@ class MethodSet:
     def names(self) -> List[str]:
         return [m.name for m in self.methods]
 
+    # --- the model ------------------------------------------------------------------------------------------
     def patch(self, model: nn.Module) -> nn.Module:
+        """Every method patches ``model``; the operator modules each returns are tagged with its name."""
         for m in self.methods:
-            m.patch(model)
+            for op in m.patch(model) or ():
+                setattr(op, OP_TAG, m.name)
         return model
 
-    def attach(self, models: Sequence[nn.Module]) -> None:
+    def attach(self, models: Sequence[Optional[nn.Module]]) -> None:
+        """Tell every method the run's patched models (the trained one, its EMA copy) and its operators in them."""
         models = [m for m in models if m is not None]
         for m in self.methods:
-            m.attach(models)
+            m.models = list(models)
+            m.ops = [op for model in models for op in self.op_modules(model, m.name)]
 
+    @staticmethod
+    def op_modules(model: nn.Module, name: Optional[str] = None) -> List[nn.Module]:
+        """The methods' operator modules inside ``model`` (of the method ``name`` only, when given)."""
+        return [op for op in model.modules() if getattr(op, OP_TAG, None) is not None
+                and (name is None or getattr(op, OP_TAG) == name)]
+
+    # --- the clock, the recipe and the data -----------------------------------------------------------------
     def on_epoch(self, clock: Clock) -> None:
+        self.resize = self.recipe(clock.epoch).resize or bilinear_resize
         for m in self.methods:
             m.on_epoch(clock)
 
@@ -416,13 +431,8 @@ class MethodSet:
         return out
 
     def resize_images(self, images: torch.Tensor, size: int) -> torch.Tensor:
-        """``images`` at ``size`` px, by the method that changes the input size (else antialiased bilinear)."""
-        for m in self.methods:
-            out = m.resize_images(images, size)
-            if out is not None:
-                return out
-        return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
-                                               align_corners=False)
+        """``images`` at ``size`` px, the way the recipe of the current epoch says (default: antialiased bilinear)."""
+        return self.resize(images, size)
 
     def train_indices(self, epoch: int, dataset_len: int) -> Optional[List[int]]:
         """The intersection of what every method asks for (``None``: the whole dataset)."""
@@ -437,38 +447,49 @@ class MethodSet:
         for m in self.observers:
             m.observe(batch)
 
-    def progress(self) -> str:
-        return " ".join(p for p in (m.progress() for m in self.methods) if p)
-
-    def epoch_text(self) -> str:
-        return " | ".join(t for t in (m.epoch_text() for m in self.methods) if t)
-
+    # --- reporting ------------------------------------------------------------------------------------------
     def epoch_fields(self) -> Dict[str, Any]:
-        return self._fields("epoch_fields")
+        return self._prefixed("epoch")
 
     def step_fields(self) -> Dict[str, Any]:
-        return self._fields("step_fields")
+        return self._prefixed("step")
 
-    def _fields(self, hook: str) -> Dict[str, Any]:
-        """Every method's ``epoch_fields`` or ``step_fields``, each key under the method's own prefix."""
+    def _prefixed(self, scope: str) -> Dict[str, Any]:
+        """Every method's ``epoch`` or ``step`` fields, each key under the method's own prefix."""
         out: Dict[str, Any] = {}
         for m in self.methods:
-            fields = getattr(m, hook)()
+            fields = m.fields(scope)
             bad = [k for k in fields if not k.startswith(m.name + "_")]
             if bad:
                 raise RuntimeError(f"method {m.name} logs '{bad[0]}': its fields must start with '{m.name}_'")
             out.update(fields)
         return out
 
+    def progress(self) -> str:
+        """The live state, for the progress line: ``ToE: stage 1, kept_tokens 98``."""
+        return " ".join(fields_text(m.label, f, m.name + "_") for m in self.methods if (f := m.fields("step")))
+
+    def epoch_text(self) -> str:
+        return " | ".join(fields_text(m.label, f, m.name + "_") for m in self.methods if (f := m.fields("epoch")))
+
     def describe(self) -> str:
-        return "; ".join(m.describe() for m in self.methods) or "no method (the plain recipe)"
+        return "; ".join(fields_text(m.label, m.fields("run")) for m in self.methods) or "no method (the plain recipe)"
 
     def summary(self) -> Dict[str, Any]:
-        return {m.name: m.summary() for m in self.methods}
+        return {m.name: m.fields("run") for m in self.methods}
 
-    def boundaries(self) -> Dict[str, List[int]]:
-        return {m.name: m.boundaries() for m in self.methods if m.boundaries()}
+    def boundaries(self, epochs: int, iters_per_epoch: int, num_patches: int) -> Dict[str, List[int]]:
+        """Per method, the epochs where its :meth:`Method.plan_state` changes (its phase boundaries)."""
+        out = {}
+        for m in self.methods:
+            states = [m.plan_state(Clock(e, 0, e * iters_per_epoch, iters_per_epoch, epochs), num_patches)
+                      for e in range(epochs)]
+            marks = [e for e in range(1, epochs) if states[e] != states[e - 1]]
+            if marks:
+                out[m.name] = marks
+        return out
 
+    # --- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {m.name: m.state_dict() for m in self.methods}
 
@@ -477,43 +498,58 @@ class MethodSet:
             if m.name in state:
                 m.load_state_dict(state[m.name])
 
-    def eval_variants(self) -> Dict[str, Callable[[], contextlib.AbstractContextManager]]:
+    # --- measurement and evaluation -------------------------------------------------------------------------
+    def eval_variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> Dict[str, Variant]:
+        """The extra evaluations of every epoch, by the suffix of their ``val_<suffix>_*`` fields."""
         out = {}
         for m in self.methods:
-            out.update(m.eval_variants())
+            for v in m.variants(num_patches, epochs, iters_per_epoch):
+                if v.use == "eval":
+                    out[v.key] = v
         return out
 
-    def op_modules(self, model: nn.Module) -> List[nn.Module]:
-        return [op for m in self.methods for op in m.op_modules(model)]
-
-    def data_fraction(self) -> float:
-        return _product(m.data_fraction() for m in self.methods)
+    def data_fraction(self, num_patches: int, epochs: int, iters_per_epoch: int) -> float:
+        """The fraction of the training set an epoch presents (the product over the methods' training states)."""
+        return _product(next((v.data_fraction for v in m.variants(num_patches, epochs, iters_per_epoch)
+                              if v.use == "train"), 1.0) for m in self.methods)
 
     def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
-        """Every combination of the methods' states, with the product of their shares, epoch by epoch (the methods'
-        schedules are independent of each other). With no method: one state, the plain model."""
-        per_method = [m.variants(num_patches, epochs, iters_per_epoch) for m in self.methods]
+        """Every combination of the methods' training states, with the product of their shares, epoch by epoch (the
+        methods' schedules are independent of each other). With no method: one state, the plain model."""
+        per_method = [[v for v in m.variants(num_patches, epochs, iters_per_epoch) if v.use == "train"]
+                      for m in self.methods]
         if not per_method:
             return [Variant("full tokens", 1.0, lambda model: None, num_patches)]
         out = []
         for combo in itertools.product(*per_method):
-            def apply(model, combo=combo):
-                for v in combo:
-                    v.apply(model)
-            spans = [v.epochs for v in combo if v.epochs is not None]
-            tokens = [v.patch_tokens for v in combo if v.patch_tokens is not None]
-            sizes = [v.input_size for v in combo if v.input_size is not None]
-            per_epoch = [_product(v.share_in_epoch(e) for v in combo) for e in range(epochs)]
-            share = sum(per_epoch) / epochs if len(combo) > 1 else combo[0].share
-            if len(combo) > 1 and share == 0:
-                continue                 # states that never meet (e.g. a curriculum phase and a later ToE stage)
-            out.append(Variant(" + ".join(v.label for v in combo), share, apply, min(tokens) if tokens else None,
-                               spans[0] if len(spans) == 1 else None, per_epoch if len(combo) > 1 else combo[0].epoch_shares,
-                               sizes[0] if sizes else None))
+            v = _combined(combo, epochs)
+            if v is not None:
+                out.append(v)
         return out
 
     def inference_knobs(self) -> List[InferenceKnob]:
         return [k for k in (m.inference_knob() for m in self.methods) if k is not None]
+
+
+def _combined(combo: Sequence[Variant], epochs: int) -> Optional[Variant]:
+    """One state of several methods at once (``None``: their states never meet, e.g. a curriculum phase and a later
+    ToE stage)."""
+    if len(combo) == 1:
+        return combo[0]
+
+    def apply(model):
+        undo = [u for u in (v.apply(model) for v in combo) if u is not None]
+        return (lambda: [u() for u in reversed(undo)]) if undo else None
+    spans = [v.epochs for v in combo if v.epochs is not None]
+    tokens = [v.patch_tokens for v in combo if v.patch_tokens is not None]
+    sizes = [v.input_size for v in combo if v.input_size is not None]
+    per_epoch = [_product(v.share_in_epoch(e) for v in combo) for e in range(epochs)]
+    share = sum(per_epoch) / epochs
+    if share == 0:
+        return None
+    return Variant(" + ".join(v.label for v in combo), share, apply, min(tokens) if tokens else None,
+                   spans[0] if len(spans) == 1 else None, per_epoch, sizes[0] if sizes else None,
+                   _product(v.data_fraction for v in combo))
 
 
 def _product(xs) -> float:

@@ -50,6 +50,7 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
     methods = MethodSet.from_config(cfg)
     patch = int(cfg.model_kwargs.get("patch_size", _patch_size(cfg.model)))
     lrs = _lrs(cfg, nproc, total, images or 1_281_167)
+    fraction = methods.data_fraction((cfg.input_size // patch) ** 2, cfg.epochs, iters)
     rows: List[Dict[str, Any]] = []
     for e in range(total):
         phase = "warm-up" if e < cfg.warmup_epochs else ("cooldown" if e >= cfg.epochs else "")
@@ -59,7 +60,7 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
         state = {"phase": phase, "input_size": s.input_size, "aa": s.aa or "none",
                  "batch": f"{s.batch_size} x {nproc} x {s.grad_accum_steps} = "
                           f"{s.batch_size * nproc * s.grad_accum_steps}",
-                 "updates": (str(planned_iterations(cfg, s, images, nproc, methods.data_fraction())[1]) if images
+                 "updates": (str(planned_iterations(cfg, s, images, nproc, fraction)[1]) if images
                              else "unknown"),
                  **{m.name: m.plan_state(clock, patches) or "-" for m in methods}}
         if rows and rows[-1]["state"] == state:
@@ -67,7 +68,7 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
             continue
         rows.append({"first": e, "last": e, "lr": lrs[e], "state": state})
     totals: Dict[str, Any] = {"epochs": total, "nproc": nproc, "images_per_epoch": images,
-                              "images_seen": images * total * methods.data_fraction() if images else None}
+                              "images_seen": images * total * fraction if images else None}
     try:
         report = measure.model_flops(cfg, measure.num_classes_of(cfg), images=images, world_size=nproc)
         per_epoch = measure.epoch_flops(report, images)
@@ -77,6 +78,18 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
     except Exception as e:  # noqa: BLE001 -- a model or dataset the counter cannot size: the rows still stand
         totals.update(flops=None, full_flops=None, ideal_speedup=None, flops_error=str(e).splitlines()[0][:120])
     return rows, totals
+
+
+def phase_boundaries(cfg, nproc: Optional[int] = None) -> Dict[str, List[int]]:
+    """Per active method, the epochs where its plan state changes: the phase boundaries comparison plots mark."""
+    nproc = int(nproc or cfg.nproc or 1)
+    try:
+        images: Optional[int] = measure.images_per_epoch(cfg)
+    except ValueError:
+        images = None
+    iters = measure.iterations_per_epoch(cfg, images or 1_281_167, nproc)
+    patches = (cfg.input_size // int(cfg.model_kwargs.get("patch_size", _patch_size(cfg.model)))) ** 2
+    return MethodSet.from_config(cfg).boundaries(cfg.total_epochs(), iters, patches)
 
 
 def _patch_size(model_name: str) -> int:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from methods import Clock, Method, MethodError, Recipe, Variant, register_method
+from methods import Clock, Method, MethodError, Recipe, Variant, bilinear_resize, register_method
 from models.resize import ResizeError, check_resizable, set_input_size
 
 from .ops import low_frequency_crop
@@ -120,7 +120,7 @@ class EfficientTrain(Method):
                               "input_size patch grid); drop the token_label section or efficienttrain")
 
     # --- the model ------------------------------------------------------------------------------------------
-    def patch(self, model: nn.Module) -> None:
+    def patch(self, model: nn.Module) -> List[nn.Module]:
         try:
             check_resizable(model, "efficienttrain")
         except ResizeError as e:
@@ -143,44 +143,20 @@ class EfficientTrain(Method):
                       grad_accum_steps=self.cfg.grad_accum_steps // p.batch_scale,
                       aa=None if s.rand_augment is None else s.rand_augment.format(m=p.magnitude),
                       input_size=p.input_size,
-                      eval_size=p.input_size if s.eval_size == "phase" else self.cfg.input_size)
-
-    def resize_images(self, images: torch.Tensor, size: int) -> Optional[torch.Tensor]:
-        return low_frequency_crop(images, size) if size < images.shape[-1] else None
+                      eval_size=p.input_size if s.eval_size == "phase" else self.cfg.input_size,
+                      resize=cropped_or_resized)
 
     # --- reporting ------------------------------------------------------------------------------------------
-    def _magnitude(self, p: Phase) -> str:
-        return "" if self.section.rand_augment is None else f" m{p.magnitude}"
-
-    def _phase_text(self, p: Phase) -> str:
-        parts = [f"{p.input_size}px", self._magnitude(p).strip(), f"batch x{p.batch_scale}"]
-        return f"phase {p.index + 1}/{len(self.phases)}: " + ", ".join(x for x in parts if x)
-
-    def describe(self) -> str:
-        spans = ", ".join(f"{p.first}-{p.end - 1}: {p.input_size}px{self._magnitude(p)} x{p.batch_scale}"
-                          for p in self.phases)
-        return f"EfficientTrain: {len(self.phases)} phases ({spans}); eval at {self.section.eval_size} size"
-
-    def progress(self) -> str:
-        return f"ET {self.current.input_size}px"
-
-    def step_fields(self) -> Dict[str, Any]:
-        return {"efficienttrain_phase": self.current.index + 1, "efficienttrain_input_size": self.current.input_size}
-
-    def epoch_fields(self) -> Dict[str, Any]:
+    def fields(self, scope: str) -> Dict[str, Any]:
         p = self.current
-        return {"efficienttrain_phase": p.index + 1, "efficienttrain_input_size": p.input_size,
-                "efficienttrain_rand_magnitude": None if self.section.rand_augment is None else p.magnitude}
-
-    def epoch_text(self) -> str:
-        return f"ET {self._phase_text(self.current)}"
-
-    def summary(self) -> Dict[str, Any]:
-        return {"phases": [{"epochs": [p.first, p.end], "input_size": p.input_size, "rand_magnitude": p.magnitude,
-                            "batch_scale": p.batch_scale} for p in self.phases], "eval_size": self.section.eval_size}
-
-    def boundaries(self) -> List[int]:
-        return [p.first for p in self.phases[1:]]
+        if scope == "run":
+            return {"phases": [{"epochs": [q.first, q.end], "input_size": q.input_size, "rand_magnitude": q.magnitude,
+                                "batch_scale": q.batch_scale} for q in self.phases],
+                    "eval_size": self.section.eval_size}
+        out = {"efficienttrain_phase": p.index + 1, "efficienttrain_input_size": p.input_size}
+        if scope == "epoch":
+            out["efficienttrain_rand_magnitude"] = None if self.section.rand_augment is None else p.magnitude
+        return out
 
     def plan_state(self, clock: Clock, num_patches: int) -> str:
         p = self.phase_at(clock.epoch)
@@ -206,3 +182,8 @@ class EfficientTrain(Method):
             out.append(Variant(f"ET {size}px", (end - first) / epochs, apply, (size * grid // self.cfg.input_size) ** 2,
                                (first, end), input_size=size))
         return out
+
+
+def cropped_or_resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A batch brought to a phase's ``size``: the low-frequency crop when smaller (EfficientTrain), else bilinear."""
+    return low_frequency_crop(images, size) if size < images.shape[-1] else bilinear_resize(images, size)

@@ -58,8 +58,6 @@ class PatchSamplingSchedule(Method):
         super().__init__(section, cfg)
         self.epochs = cfg.epochs
         self.schedule: Optional[PSSSchedule] = None
-        self.samplers: list = []
-        self.num_patches = 0
         self.drop_ratio = 0.0
         self._keep_sum, self._kept_sum, self._steps = 0.0, 0, 0
 
@@ -80,7 +78,7 @@ class PatchSamplingSchedule(Method):
         return TokenSite(0.0, what="PSS samples patches at the input of block 0")
 
     # --- the model ------------------------------------------------------------------------------------------
-    def patch(self, model: nn.Module) -> None:
+    def patch(self, model: nn.Module) -> List[nn.Module]:
         patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
         if not patches or not isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
             raise MethodError(f"pss: {type(model).__name__} has no patch tokens and `blocks`; PSS samples the patch "
@@ -90,15 +88,14 @@ class PatchSamplingSchedule(Method):
             raise MethodError(f"pss.start_drop_ratio: the schedule keeps no patch of the model's {patches}; lower it "
                               "or use a larger input_size")
         try:
-            apply_sampler(model, self.section.sampler)
+            return [apply_sampler(model, self.section.sampler)]
         except TypeError as e:
             raise MethodError(f"pss: {e}") from None
 
-    def attach(self, models) -> None:
-        super().attach(models)
-        self.samplers = [s for m in self.models for s in iter_samplers(m)]
+    @property
+    def num_patches(self) -> int:
         pe = getattr(self.models[0], "patch_embed", None) if self.models else None
-        self.num_patches = int(getattr(pe, "num_patches", 0) or 0)
+        return int(getattr(pe, "num_patches", 0) or 0)
 
     # --- the clock ------------------------------------------------------------------------------------------
     def on_epoch(self, clock: Clock) -> None:
@@ -108,7 +105,7 @@ class PatchSamplingSchedule(Method):
 
     def on_step(self, clock: Clock) -> None:
         self.drop_ratio = self.schedule.drop_ratio(clock.global_step)
-        for s in self.samplers:
+        for s in self.ops:
             s.set_drop_ratio(self.drop_ratio)
         self._keep_sum += 1.0 - self.drop_ratio
         self._kept_sum += self.kept
@@ -119,36 +116,22 @@ class PatchSamplingSchedule(Method):
     def kept(self) -> int:
         return num_kept_patches(self.num_patches, self.drop_ratio) if self.drop_ratio > 0 else self.num_patches
 
-    def describe(self) -> str:
+    def fields(self, scope: str) -> Dict[str, Any]:
+        if scope == "step":
+            return {"pss_drop_ratio": self.drop_ratio, "pss_kept_patches": self.kept}
+        if scope == "epoch":
+            n = max(self._steps, 1)
+            return {"pss_keep_rate": self._keep_sum / n, "pss_kept_patches": self._kept_sum / n}
         s = self.section
-        return (f"PSS: {s.scheduler} drop ratio {s.start_drop_ratio} -> {s.end_drop_ratio}, {s.sampler} sampling, "
-                f"cooldown {s.cooldown_epochs} epochs, of {self.num_patches} patches")
-
-    def progress(self) -> str:
-        return f"keep {1 - self.drop_ratio:.1f} ({self.kept} patches)"
-
-    def step_fields(self) -> Dict[str, Any]:
-        return {"pss_drop_ratio": self.drop_ratio, "pss_kept_patches": self.kept}
-
-    def epoch_fields(self) -> Dict[str, Any]:
-        n = max(self._steps, 1)
-        return {"pss_keep_rate": self._keep_sum / n, "pss_kept_patches": self._kept_sum / n}
-
-    def epoch_text(self) -> str:
-        f = self.epoch_fields()
-        return f"PSS mean keep {f['pss_keep_rate']:.2f} ({f['pss_kept_patches']:.1f}/{self.num_patches} patches)"
-
-    def summary(self) -> Dict[str, Any]:
-        if self.schedule is None:
-            return {}
-        shares = self.schedule.level_shares()
-        return {"keep_rate_shares": {f"{1 - d:.1f}": share for d, share in sorted(shares.items())},
-                "mean_keep_rate": self.schedule.mean_keep_rate(), "num_patches": self.num_patches,
-                "iterations_per_epoch": self.schedule.iterations_per_epoch}
-
-    def boundaries(self) -> List[int]:
-        c = self.section.cooldown_epochs
-        return [self.epochs - c] if c else []
+        out: Dict[str, Any] = {"scheduler": s.scheduler, "drop_ratio": [s.start_drop_ratio, s.end_drop_ratio],
+                               "sampler": s.sampler, "cooldown_epochs": s.cooldown_epochs,
+                               "num_patches": self.num_patches}
+        if self.schedule is not None:
+            shares = self.schedule.level_shares()
+            out.update(keep_rate_shares={f"{1 - d:.1f}": share for d, share in sorted(shares.items())},
+                       mean_keep_rate=self.schedule.mean_keep_rate(),
+                       iterations_per_epoch=self.schedule.iterations_per_epoch)
+        return out
 
     def plan_state(self, clock: Clock, num_patches: int) -> str:
         schedule = _schedule(self.section, clock.epochs, clock.iters_per_epoch)
@@ -179,9 +162,6 @@ class PatchSamplingSchedule(Method):
             out.append(Variant(f"PSS keep {1 - d:.1f}", float(np.mean(per_epoch)), _forcing(d),
                                num_kept_patches(num_patches, d) if d > 0 else num_patches, None, per_epoch))
         return out
-
-    def op_modules(self, model: nn.Module) -> List[nn.Module]:
-        return list(iter_samplers(model))
 
     def inference_knob(self) -> InferenceKnob:
         def apply(model: nn.Module, keep_rate: float) -> None:

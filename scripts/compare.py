@@ -31,7 +31,8 @@ if ROOT not in sys.path:
 
 from config import ConfigError, load_config, save_config, validate  # noqa: E402
 from logger import run_totals  # noqa: E402
-from methods import MethodError, MethodSet, parse_combination  # noqa: E402
+from methods import MethodError, parse_combination  # noqa: E402
+from plan import phase_boundaries  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------- reading runs
@@ -96,7 +97,7 @@ def compare(entries: Dict[str, List[Dict[str, Any]]], flops: bool = True) -> Dic
     for name, runs in entries.items():
         metrics = [run_metrics(r) for r in runs]
         e = {"dirs": [r["dir"] for r in runs], "runs": metrics, **{k: _stats([m[k] for m in metrics]) for k in KEYS},
-             "boundaries": MethodSet.from_config(runs[0]["cfg"]).boundaries()}
+             "boundaries": phase_boundaries(runs[0]["cfg"])}
         if flops:
             f = flops_of(runs[0]["cfg"])
             e.update(train_flops=f["total"], plain_flops=f["full_total"], ideal_speedup=f["ideal_speedup"],

@@ -3,7 +3,6 @@
 A dummy example-level method trains on the even dataset indices and checks what the engine hands it; a dummy token
 reducer drops tokens before block 0. Both train through the real entrypoint on the embedded digits.
 """
-import contextlib
 import json
 from dataclasses import dataclass
 
@@ -54,8 +53,8 @@ class Even(Method):
         assert torch.equal(batch.labels, batch.targets)            # no mixup in the demo recipe
         self.observed += batch.indices.tolist()
 
-    def epoch_fields(self):
-        return {"even_steps": self.steps, "even_observed": len(self.observed)}
+    def fields(self, scope):
+        return {"even_steps": self.steps, "even_observed": len(self.observed)} if scope == "epoch" else {}
 
     def state_dict(self):
         return {"steps": self.steps}
@@ -63,8 +62,9 @@ class Even(Method):
     def load_state_dict(self, state):
         self.steps = state["steps"]
 
-    def eval_variants(self):
-        return {"even": contextlib.nullcontext}
+    def variants(self, num_patches, epochs, iters_per_epoch):
+        return [Variant("Even", 1.0, lambda model: None, num_patches),
+                Variant("Even again", 0.0, lambda model: (lambda: None), use="eval", key="even")]
 
 
 @dataclass

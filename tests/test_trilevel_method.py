@@ -79,8 +79,9 @@ def test_method_off_and_dense_paths_equal_plain_timm():
     assert torch.equal(model(x), plain(x))
     plain.eval(), model.eval()
     assert not torch.equal(model(x), plain(x))                           # evaluation at the targets ...
-    with methods.eval_variants()["dense"]():
-        assert torch.equal(model(x), plain(x))                           # ... and dense when asked
+    undo = methods.eval_variants(16, 10, 4)["dense"].apply(model)
+    assert torch.equal(model(x), plain(x))                               # ... and dense when asked
+    undo()
     assert not torch.equal(model(x), plain(x))
 
     # the example level alone leaves the model alone: plain timm blocks, same outputs

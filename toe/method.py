@@ -77,7 +77,7 @@ class ToE(Method):
         return TokenSite(float(b), needs_full_grid=True, what=f"toe.insert_block {b}: ToE at the input of block {b}")
 
     # --- the model ------------------------------------------------------------------------------------------
-    def patch(self, model: nn.Module) -> None:
+    def patch(self, model: nn.Module) -> List[nn.Module]:
         blocks = getattr(model, "blocks", None)
         patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not patches:
@@ -91,10 +91,7 @@ class ToE(Method):
                                   f"toe.keep_rates / toe.init_keep_rate or use a larger input_size")
         apply_toe(model, self.schedule, insert_block=b, sparse_eval=self.section.sparse_eval,
                   distance_mode=self.section.distance_mode)
-
-    def attach(self, models) -> None:
-        super().attach(models)
-        self.ops = [op for m in self.models for op in iter_toe(m)]
+        return list(iter_toe(model))
 
     @property
     def num_patches(self) -> int:
@@ -118,28 +115,11 @@ class ToE(Method):
         return {stage: self.schedule.kept_tokens(self.num_patches, stage)
                 for stage, _, _ in self.schedule.stage_epochs(self.epochs)}
 
-    def describe(self) -> str:
-        ablations = ", ".join(f"{k} {v}" for k, v in self.schedule.ablations.items())
-        return (f"ToE: kept patch tokens per stage {self.per_stage()} of {self.num_patches}"
-                + (f"; ablation: {ablations}" if ablations else ""))
-
-    def progress(self) -> str:
-        return f"tokens {self.kept}"
-
-    def epoch_fields(self) -> Dict[str, Any]:
-        return {"toe_stage": self.stage, "toe_kept_tokens": self.kept}
-
-    def step_fields(self) -> Dict[str, Any]:
-        return self.epoch_fields()              # the stage is the epoch's
-
-    def epoch_text(self) -> str:
-        return f"ToE stage {self.stage}, {self.kept}/{self.num_patches} tokens"
-
-    def summary(self) -> Dict[str, Any]:
-        return {"kept_tokens_per_stage": self.per_stage(), "num_patches": self.num_patches}
-
-    def boundaries(self) -> List[int]:
-        return [s for s in self.schedule.expansion_steps if 0 < s < self.epochs]
+    def fields(self, scope: str) -> Dict[str, Any]:
+        if scope == "run":
+            out: Dict[str, Any] = {"kept_tokens_per_stage": self.per_stage(), "num_patches": self.num_patches}
+            return {**out, **{f"ablation_{k}": v for k, v in self.schedule.ablations.items()}}
+        return {"toe_stage": self.stage, "toe_kept_tokens": self.kept}      # the stage is the epoch's
 
     def plan_state(self, clock: Clock, num_patches: int) -> str:
         stage = self.schedule.stage(clock.epoch)
@@ -155,6 +135,3 @@ class ToE(Method):
             out.append(Variant(f"ToE stage {stage}", (last - first) / epochs, apply,
                                self.schedule.kept_tokens(num_patches, stage), (first, last)))
         return out
-
-    def op_modules(self, model: nn.Module) -> List[nn.Module]:
-        return list(iter_toe(model))

@@ -29,7 +29,6 @@ depend on the number of processes. On one process both modes are the same. The c
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -134,8 +133,9 @@ class TriLevel(Method):
         self.observes_examples = s.example_level
         self.level = _example_level(s) if s.example_level else None
         self.selector: Optional[ExampleSelector] = None
-        self.states: list = []
-        self.num_patches = 0
+        self._states: list = []
+        self._states_of: Optional[list] = None
+        self._patched_patches = 0
         self.depth = 0
         self.dims: Optional[ViTDims] = None
         self.ratios = (1.0, 1.0)
@@ -185,9 +185,9 @@ class TriLevel(Method):
         return TokenSite(b + 0.5, what=f"trilevel.pruning_loc {b}: token pruning inside block {b}")
 
     # --- the model ------------------------------------------------------------------------------------------
-    def patch(self, model: nn.Module) -> None:
+    def patch(self, model: nn.Module) -> List[nn.Module]:
         if not self.patches:
-            return
+            return []
         blocks = getattr(model, "blocks", None)
         depth = len(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else 0
         # only the cls tie-break (no token or attention level): the masked blocks for the CLS attention, no pruning
@@ -208,14 +208,20 @@ class TriLevel(Method):
         state.keep_cls_attn = bool(self.level is not None and self.level.tie_break == "cls_var")
         self.depth = state.depth
         self.dims = ViTDims.of(model)
-        self.num_patches = int(getattr(getattr(model, "patch_embed", None), "num_patches", 0) or 0)
+        self._patched_patches = int(getattr(getattr(model, "patch_embed", None), "num_patches", 0) or 0)
+        return list(iter_prune_ops(model))
 
-    def attach(self, models) -> None:
-        super().attach(models)
-        self.states = [st for m in self.models for st in iter_trilevel(m)]
-        if self.models and not self.num_patches:
-            pe = getattr(self.models[0], "patch_embed", None)
-            self.num_patches = int(getattr(pe, "num_patches", 0) or 0)
+    @property
+    def states(self) -> list:
+        """The shared states of the patched blocks of every model of the run (the trained one, its EMA copy)."""
+        if self._states_of is not self.models:
+            self._states, self._states_of = [st for m in self.models for st in iter_trilevel(m)], self.models
+        return self._states
+
+    @property
+    def num_patches(self) -> int:
+        pe = getattr(self.models[0], "patch_embed", None) if self.models else None
+        return int(getattr(pe, "num_patches", 0) or 0) or self._patched_patches
 
     # --- the clock ------------------------------------------------------------------------------------------
     def _set_ratios(self, r: float, a: float) -> None:
@@ -297,88 +303,44 @@ class TriLevel(Method):
             else:
                 parts.append(f"r {r:g} a {a:g}, {' -> '.join(map(str, stage_tokens(num_patches, r, s.pruning_loc)))}")
         if self.level is not None:
-            swap = clock.epoch in swap_epochs(clock.epochs, self.level.interval, self.level.max_swaps)
-            parts.append(f"{1 - s.pool_fraction:.0%} of the data" + (", swap" if swap else ""))
+            swaps = sum(e <= clock.epoch for e in swap_epochs(clock.epochs, self.level.interval, self.level.max_swaps))
+            parts.append(f"{1 - s.pool_fraction:.0%} of the data" + (f", {swaps} swaps made" if swaps else ""))
         return "; ".join(parts)
 
-    def describe(self) -> str:
-        s, parts = self.section, []
-        if self.sparse:
-            what = []
-            if s.token_level:
-                what.append(f"tokens keep {s.keep_ratio} at blocks {list(s.pruning_loc)} "
-                            f"({' -> '.join(map(str, self.stages(self.keep_target)))} patches at the target)")
-            if s.attention_level:
-                what.append(f"attention keep {s.attn_ratio}")
-            parts.append(", ".join(what) + f"; ratio 1 for {s.warmup_epochs} epochs, cosine over {s.decay_epochs}"
-                         + ("; eval at the targets and dense" if s.eval_dense else "; eval at the targets"))
-        if self.level is not None:
-            parts.append(f"examples: {1 - s.pool_fraction:.0%} subset, remove {s.remove_n} (after {s.keep_lowest_n}) "
-                         f"at epochs {self.swap_epochs()}, forgetting over {s.npresentations} presentations, "
-                         f"tie-break {s.tie_break}, sync {s.sync}")
-        return "Tri-Level: " + " | ".join(parts)
-
-    def progress(self) -> str:
-        out = []
-        if self.sparse:
-            out.append(f"r {self.ratios[0]:.3f} a {self.ratios[1]:.3f}")
-        if self.selector is not None:
-            out.append(f"subset {len(self.selector.train_ids)}")
-        return " ".join(out)
-
-    def step_fields(self) -> Dict[str, Any]:
+    def fields(self, scope: str) -> Dict[str, Any]:
+        if scope == "run":
+            return self._run_fields()
         out: Dict[str, Any] = {}
         if self.sparse:
             out.update(trilevel_keep_ratio=self.ratios[0], trilevel_attn_ratio=self.ratios[1])
+            if scope == "epoch":
+                out["trilevel_tokens"] = self.stages()
         if self.selector is not None:
             out["trilevel_subset"] = int(len(self.selector.train_ids))
+            if scope == "epoch":
+                sel, swap = self.selector, self.swap_this_epoch
+                out.update(trilevel_pool=int(len(sel.pool_ids)), trilevel_swaps=int(sel.swaps_done),
+                           trilevel_swapped=int(len(swap.removed)) if swap else 0,
+                           trilevel_restored=int(len(swap.restored)) if swap else 0,
+                           trilevel_presented=sel.num_presented,
+                           trilevel_train_correct=self.correct_this_epoch / max(self.presented_this_epoch, 1))
         return out
 
-    def epoch_fields(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        if self.sparse:
-            out.update(trilevel_keep_ratio=self.ratios[0], trilevel_attn_ratio=self.ratios[1],
-                       trilevel_tokens=self.stages())
-        if self.selector is not None:
-            sel, swap = self.selector, self.swap_this_epoch
-            out.update(trilevel_subset=int(len(sel.train_ids)), trilevel_pool=int(len(sel.pool_ids)),
-                       trilevel_swaps=int(sel.swaps_done), trilevel_swapped=int(len(swap.removed)) if swap else 0,
-                       trilevel_restored=int(len(swap.restored)) if swap else 0,
-                       trilevel_presented=sel.num_presented,
-                       trilevel_train_correct=self.correct_this_epoch / max(self.presented_this_epoch, 1))
-        return out
-
-    def epoch_text(self) -> str:
-        out = []
-        if self.sparse:
-            out.append(f"Tri-Level r {self.ratios[0]:.3f} a {self.ratios[1]:.3f}, tokens "
-                       + "/".join(map(str, self.stages())))
-        if self.selector is not None:
-            swap = self.swap_this_epoch
-            out.append(f"subset {len(self.selector.train_ids)}, pool {len(self.selector.pool_ids)}, "
-                       f"swaps {self.selector.swaps_done}"
-                       + (f" (swapped {len(swap.removed)} out, {len(swap.restored)} in)" if swap else ""))
-        return ("" if self.sparse else "Tri-Level ") + ", ".join(out)
-
-    def summary(self) -> Dict[str, Any]:
+    def _run_fields(self) -> Dict[str, Any]:
         s = self.section
         out: Dict[str, Any] = {"levels": [n for n, on in (("example", s.example_level), ("token", s.token_level),
                                                            ("attention", s.attention_level)) if on]}
         if self.sparse:
             out.update(keep_ratio=self.keep_target, attn_ratio=self.attn_target, pruning_loc=list(s.pruning_loc),
-                       tokens_at_target=self.stages(self.keep_target), num_patches=self.num_patches)
+                       tokens_at_target=self.stages(self.keep_target), num_patches=self.num_patches,
+                       warmup_epochs=s.warmup_epochs, decay_epochs=s.decay_epochs, eval_dense=s.eval_dense)
         if self.level is not None:
-            out.update(swap_epochs=self.swap_epochs(), sync=s.sync,
+            out.update(swap_epochs=self.swap_epochs(), sync=s.sync, pool_fraction=s.pool_fraction,
+                       remove_n=s.remove_n, tie_break=s.tie_break,
                        swaps_done=self.selector.swaps_done if self.selector else 0,
                        subset=int(len(self.selector.train_ids)) if self.selector else None,
                        pool=int(len(self.selector.pool_ids)) if self.selector else None)
         return out
-
-    def boundaries(self) -> List[int]:
-        out = set(self.swap_epochs())
-        if self.sparse:
-            out |= {self.section.warmup_epochs, self.section.warmup_epochs + self.section.decay_epochs}
-        return sorted(e for e in out if 0 < e < self.epochs)
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -443,28 +405,13 @@ class TriLevel(Method):
             self.swap_this_epoch = sel.last_swap = _swap_result(figures["swap"])
 
     # --- evaluation and measurement -------------------------------------------------------------------------
-    def eval_variants(self) -> Dict[str, Callable[[], contextlib.AbstractContextManager]]:
-        if not (self.section.eval_dense and self.sparse):
-            return {}
-        return {"dense": self._dense}
-
-    @contextlib.contextmanager
-    def _dense(self):
-        before = [st.dense_eval for st in self.states]
-        for st in self.states:
-            st.dense_eval = True
-        try:
-            yield
-        finally:
-            for st, b in zip(self.states, before):
-                st.dense_eval = b
-
     def variants(self, num_patches: int, epochs: int, iters_per_epoch: int) -> List[Variant]:
         """A few states along the schedule (cosine factor 1 = warm-up, 0.75, 0.5, 0.25, 0 = the targets) whose shares
         reproduce the schedule's FLOPs from cached per-count FLOPs (:mod:`.cost`); the example level is
         :meth:`data_fraction`."""
+        fraction = 1.0 - self.section.pool_fraction if self.level is not None else 1.0
         if not self.sparse:
-            return [Variant("Tri-Level examples only", 1.0, lambda model: None, num_patches)]
+            return [Variant("Tri-Level examples only", 1.0, lambda model: None, num_patches, data_fraction=fraction)]
         s = self.section
         cost = ForwardCost(self.dims, s.pruning_loc) if self.dims is not None else None
         states = representative_states(self.keep_target, self.attn_target, s.warmup_epochs, s.decay_epochs, epochs,
@@ -476,14 +423,23 @@ class TriLevel(Method):
 
             def apply(model: nn.Module, ratios=(st.keep_ratio, st.attn_ratio)) -> None:
                 set_forced(model, ratios)
-            out.append(Variant(label, st.share, apply, st.stages[-1], None, st.epoch_shares))
+            out.append(Variant(label, st.share, apply, st.stages[-1], None, st.epoch_shares, data_fraction=fraction))
+        if s.eval_dense:
+            out.append(Variant("Tri-Level dense evaluation", 0.0, _dense_eval, num_patches, use="eval", key="dense"))
         return out
 
-    def op_modules(self, model: nn.Module) -> List[nn.Module]:
-        return list(iter_prune_ops(model))
 
-    def data_fraction(self) -> float:
-        return 1.0 - self.section.pool_fraction if self.level is not None else 1.0
+def _dense_eval(model: nn.Module) -> Callable[[], None]:
+    """Evaluate ``model`` on all tokens with dense attention until the returned function undoes it."""
+    states = list(iter_trilevel(model))
+    before = [st.dense_eval for st in states]
+    for st in states:
+        st.dense_eval = True
+
+    def undo() -> None:
+        for st, b in zip(states, before):
+            st.dense_eval = b
+    return undo
 
 
 # ---------------------------------------------------------------------------------------------- collectives
