@@ -88,7 +88,7 @@ class PatchSamplingSchedule(Method):
             raise MethodError(f"pss.start_drop_ratio: the schedule keeps no patch of the model's {patches}; lower it "
                               "or use a larger input_size")
         try:
-            return [apply_sampler(model, self.section.sampler)]
+            return [apply_sampler(model, self.section.sampler, site=self.token_site().site)]
         except TypeError as e:
             raise MethodError(f"pss: {e}") from None
 

@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from models.tokens import TokenPositions, token_positions
+from models.tokens import TokenReducer, gather_tokens, install_reducer, iter_reducers, remove_reducer
 
 from .schedule import num_kept_patches
 
@@ -62,17 +62,6 @@ def select_patches(x: torch.Tensor, num_keep: int, sampler: str, num_prefix_toke
     raise ValueError(f"pss.sampler '{sampler}' is not one of {', '.join(SAMPLERS)}")
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` (``[B, T]`` positions in ``x``) of every image of ``x`` ``[B, L, C]``: ``[B, T, C]``.
-
-    One ``index_select`` of whole rows on the flattened view: cheaper forward and backward than ``gather`` with an
-    index expanded over the channels.
-    """
-    batch, length, dim = x.shape
-    flat = index + (torch.arange(batch, device=x.device) * length).unsqueeze(1)
-    return x.reshape(batch * length, dim).index_select(0, flat.reshape(-1)).view(batch, index.shape[1], dim)
-
-
 def sample_patches(x: torch.Tensor, num_keep: int, sampler: str, num_prefix_tokens: int = 1,
                    generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Keep the ``P`` prefix tokens and ``num_keep`` patches of ``x`` ``[B, P + N, C]``: ``(out, index)``.
@@ -93,32 +82,21 @@ def sample_patches(x: torch.Tensor, num_keep: int, sampler: str, num_prefix_toke
     return gather_tokens(x, index), index
 
 
-class PatchSampler(nn.Module):
+class PatchSampler(TokenReducer):
     """The PSS patch sampling step, with the drop ratio in effect (set from outside every iteration).
 
-    Active while training (or always, with ``force``, for measurement) and only at a drop ratio above 0; otherwise a
-    no-op that passes every token through. Parameter-free and buffer-free, so the model's ``state_dict`` is
-    unchanged. The kept index of the last call is recorded at ``site`` (0.0: the input of block 0) in
-    ``positions`` (a plain attribute, not a sub-module) and also kept in ``self.kept_index``.
-
-    ``random`` draws from torch's default generator unless ``generator`` is set. Keep it ``None`` in training:
-    grad checkpointing's recompute restores only the default generators' state, so it redraws the same patches
-    from them, but a private generator would silently hand the recomputed blocks other patches.
+    A :class:`models.tokens.TokenReducer`: active while training (or always, with ``force``, for measurement) and
+    only at a drop ratio above 0; otherwise a no-op that passes every token through. ``random`` draws from torch's
+    default generator unless ``generator`` is set (keep it ``None`` in training: see the reducer's generator rule).
     """
 
-    def __init__(self, sampler: str = "magnitude", num_prefix_tokens: int = 1,
-                 positions: Optional[TokenPositions] = None, site: float = 0.0):
-        super().__init__()
+    def __init__(self, sampler: str = "magnitude", num_prefix_tokens: int = 1):
+        super().__init__(num_prefix_tokens)
         if sampler not in SAMPLERS:
             raise ValueError(f"pss.sampler '{sampler}' is not one of {', '.join(SAMPLERS)}")
         self.sampler = sampler
-        self.num_prefix_tokens = int(num_prefix_tokens)
-        self.positions = positions
-        self.site = float(site)
         self.drop_ratio = 0.0
-        self.force = False
         self.generator: Optional[torch.Generator] = None
-        self.kept_index: Optional[torch.Tensor] = None
 
     def set_drop_ratio(self, drop_ratio: float) -> None:
         if not 0.0 <= drop_ratio < 1.0:
@@ -127,7 +105,7 @@ class PatchSampler(nn.Module):
 
     @property
     def active(self) -> bool:
-        return (self.training or self.force) and self.drop_ratio > 0.0
+        return super().active and self.drop_ratio > 0.0
 
     def num_keep(self, num_patches: int) -> int:
         """Patches that leave the sampler for ``num_patches`` input patches, in the current mode: the published
@@ -140,25 +118,15 @@ class PatchSampler(nn.Module):
             raise ValueError(f"PSS drop ratio {self.drop_ratio} keeps {keep} of {num_patches} patches")
         return keep
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reduce(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         num_patches = int(x.shape[1]) - self.num_prefix_tokens
-        out, index = sample_patches(x, self.num_keep(num_patches), self.sampler, self.num_prefix_tokens,
-                                    self.generator)
-        self.kept_index = index
-        if self.positions is not None:
-            self.positions.record(self.site, index)
-        return out
+        return sample_patches(x, self.num_keep(num_patches), self.sampler, self.num_prefix_tokens, self.generator)
 
     def _pre_hook(self, block: nn.Module, args, kwargs):
-        x = args[0]
-        out = self(x)
-        if out is x:
-            return None
-        if kwargs.get("attn_mask") is not None:
-            raise RuntimeError("PSS changes the token count and cannot be combined with an attention mask")
-        if kwargs.get("shared_rel_pos_bias") is not None:
+        out = super()._pre_hook(block, args, kwargs)
+        if out is not None and kwargs.get("shared_rel_pos_bias") is not None:
             raise RuntimeError("PSS cannot sample patches with BEiT's shared relative position bias")
-        return (out, *args[1:]), kwargs
+        return out
 
     def extra_repr(self) -> str:
         return (f"sampler={self.sampler}, drop_ratio={self.drop_ratio}, prefix={self.num_prefix_tokens}, "
@@ -167,7 +135,7 @@ class PatchSampler(nn.Module):
 
 def iter_samplers(model: nn.Module) -> Iterator[PatchSampler]:
     """Every PSS sampler inside ``model`` (also through DDP and model-EMA wrappers)."""
-    return (m for m in model.modules() if isinstance(m, PatchSampler))
+    return iter_reducers(model, PatchSampler)
 
 
 def find_sampler(model: nn.Module) -> Optional[PatchSampler]:
@@ -180,41 +148,25 @@ def set_drop_ratio(model: nn.Module, drop_ratio: float) -> None:
         sampler.set_drop_ratio(drop_ratio)
 
 
-def apply_sampler(model: nn.Module, sampler_name: str = "magnitude") -> PatchSampler:
-    """Patch PSS into ``model``: anything with ``blocks`` and ``num_prefix_tokens`` (timm ViT, timm Beit, ours).
+def apply_sampler(model: nn.Module, sampler_name: str = "magnitude", site: float = 0.0) -> PatchSampler:
+    """Patch PSS into ``model`` at the input of block ``site`` (the published: 0): anything with ``blocks`` and
+    ``num_prefix_tokens`` (timm ViT, timm Beit, ours).
 
-    Attaches a :class:`PatchSampler` as ``model.pss`` and registers it as a forward pre-hook (``with_kwargs``, so
-    Beit's ``shared_rel_pos_bias`` keyword passes through) of ``model.blocks[0]``. Per-block relative position
-    biases (timm Beit attention) are switched to follow the sampled positions (:func:`pss.models.follow_positions`);
-    a model-wide shared bias cannot follow them and is refused.
+    Installs a :class:`PatchSampler` as ``model.pss`` (:func:`models.tokens.install_reducer`; ``with_kwargs``, so
+    Beit's ``shared_rel_pos_bias`` keyword passes through). Per-block relative position biases (timm Beit attention)
+    are switched to follow the sampled positions (:func:`pss.models.follow_positions`); a model-wide shared bias
+    cannot follow them and is refused.
     """
     from .models import follow_positions  # models imports timm's beit; keep ops importable on its own
 
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-        raise TypeError(f"{type(model).__name__} has no `blocks` sequence; PSS patches timm-style ViTs")
-    if find_sampler(model) is not None:
-        raise RuntimeError("PSS is already applied to this model")
     if getattr(model, "rel_pos_bias", None) is not None:
         raise TypeError(f"{type(model).__name__} uses a shared relative position bias, which cannot follow sampled "
                         "patches (the published PSS code refuses it too); use per-block biases")
+    sampler = install_reducer(model, PatchSampler(sampler_name, getattr(model, "num_prefix_tokens", 1)), site, "pss")
     follow_positions(model)
-    sampler = PatchSampler(sampler_name, getattr(model, "num_prefix_tokens", 1), token_positions(model), site=0.0)
-    model.pss = sampler
-    blocks[0].register_forward_pre_hook(sampler._pre_hook, with_kwargs=True)
     return sampler
 
 
 def remove_sampler(model: nn.Module) -> None:
     """Undo :func:`apply_sampler` (the position-following bias lookup stays: with nothing recorded it is timm's)."""
-    sampler = getattr(model, "pss", None)
-    if not isinstance(sampler, PatchSampler):
-        return
-    block = model.blocks[0]
-    for key, hook in list(block._forward_pre_hooks.items()):
-        if getattr(hook, "__self__", None) is sampler:
-            del block._forward_pre_hooks[key]
-            block._forward_pre_hooks_with_kwargs.pop(key, None)
-    if sampler.positions is not None:
-        sampler.positions.record(sampler.site, None)
-    del model.pss
+    remove_reducer(model, "pss")

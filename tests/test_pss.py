@@ -196,7 +196,7 @@ def test_magnitude_sampling_keeps_prefix_tokens_and_the_largest_patches():
 def test_noop_paths_return_the_input():
     x = torch.randn(2, 1 + 16, 4)
     assert sample_patches(x, 16, "magnitude") == (x, None)
-    sampler = PatchSampler("random", positions=None)
+    sampler = PatchSampler("random")
     sampler.set_drop_ratio(0.6)
     assert sampler.eval()(x) is x and sampler.kept_index is None                            # evaluation
     sampler.train().set_drop_ratio(0.0)

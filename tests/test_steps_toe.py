@@ -94,7 +94,7 @@ def train_steps(cfg, step):
 
     def kept(m, i, o):            # once per forward: not again in a grad-checkpointing recomputation
         if fresh:
-            got["kept_index"].append(o[1].clone())
+            got["kept_index"].append(m.kept_index.clone())
             fresh.clear()
 
     model.register_forward_pre_hook(lambda m, i: fresh.append(True))

@@ -89,8 +89,8 @@ class ToE(Method):
             if self.schedule.is_reducing(stage) and self.schedule.kept_tokens(patches, stage) < 1:
                 raise MethodError(f"toe.keep_rates: stage {stage} keeps 0 of {patches} patch tokens; raise "
                                   f"toe.keep_rates / toe.init_keep_rate or use a larger input_size")
-        apply_toe(model, self.schedule, insert_block=b, sparse_eval=self.section.sparse_eval,
-                  distance_mode=self.section.distance_mode)
+        apply_toe(model, self.schedule, insert_block=int(self.token_site().site),
+                  sparse_eval=self.section.sparse_eval, distance_mode=self.section.distance_mode)
         return list(iter_toe(model))
 
     @property

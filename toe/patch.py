@@ -1,13 +1,11 @@
 """Patch Token Expansion into a live timm ViT, without forking its code or changing its weights.
 
-``apply_toe`` attaches a parameter-free :class:`TokenExpansion` module as ``model.toe`` and registers it as a
-forward pre-hook of ``model.blocks[insert_block]``. A pre-hook (rather than a custom ``blocks.forward``) is what
-timm's ``checkpoint_seq`` still calls under grad checkpointing, because it calls every block module itself.
-
-Because ``model.toe`` is a sub-module: ``model.eval()`` turns it off (ToE is a training-time method), the model's
-``state_dict`` is unchanged (no parameters, no buffers), and ``copy.deepcopy`` (model EMA) gives the copy its own
-operator bound to its own hook. :func:`set_epoch` reaches every copy through ``.modules()``, so it works on the
-DDP wrapper and on the EMA alike.
+``apply_toe`` installs a parameter-free :class:`TokenExpansion` as ``model.toe`` at the input of
+``model.blocks[insert_block]`` (:func:`models.tokens.install_reducer`: a forward pre-hook, which timm's
+``checkpoint_seq`` still calls under grad checkpointing). ``model.eval()`` turns it off (ToE is a training-time
+method), the ``state_dict`` is unchanged, and ``copy.deepcopy`` (model EMA) gives the copy its own operator bound to
+its own hook. :func:`set_epoch` reaches every copy through ``.modules()``, so it works on the DDP wrapper and on the
+EMA alike.
 """
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from models.tokens import token_positions
+from models.tokens import TokenReducer, install_reducer, iter_reducers, remove_reducer
 
 from .ops import token_expansion
 from .schedule import ToESchedule
@@ -24,29 +22,29 @@ from .schedule import ToESchedule
 DISTANCE_MODES = ("published", "nearest")
 
 
-class TokenExpansion(nn.Module):
-    """The ToE operator with its stage state. Call it on ``[B, P + N, C]`` tokens; it returns ``(x, kept_index)``.
+class TokenExpansion(TokenReducer):
+    """The ToE operator with its stage state: a :class:`models.tokens.TokenReducer` at the input of ``insert_block``.
 
-    Active while training, or in evaluation when ``sparse_eval`` is set, and only in stages that reduce tokens.
-    ``kept_index`` (``[B, P + M]``, position in the input of every output row, or ``None``) of the last call is also
-    kept in ``self.kept_index`` and, when ``positions`` is set, recorded in the model's
-    :class:`models.tokens.TokenPositions`, so models with dense outputs (LV-ViT) can scatter tokens back to the grid.
+    Active while training, or in evaluation when ``sparse_eval`` (or ``force``) is set, and only in stages that
+    reduce tokens. ``kept_index`` (``[B, P + M]``, position in the input of every output row, or ``None``) of the
+    last call is recorded in the model's :class:`models.tokens.TokenPositions`, so models with dense outputs
+    (LV-ViT) can scatter tokens back to the grid.
     """
 
-    def __init__(self, schedule: ToESchedule, num_prefix_tokens: int = 1, insert_block: int = 1,
-                 sparse_eval: bool = False, distance_mode: str = "published"):
-        super().__init__()
+    def __init__(self, schedule: ToESchedule, num_prefix_tokens: int = 1, sparse_eval: bool = False,
+                 distance_mode: str = "published"):
+        super().__init__(num_prefix_tokens)
         if distance_mode not in DISTANCE_MODES:
             raise ValueError(f"toe.distance_mode '{distance_mode}' is not one of {DISTANCE_MODES}")
         self.schedule = schedule
-        self.num_prefix_tokens = int(num_prefix_tokens)
-        self.insert_block = int(insert_block)
         self.sparse_eval = bool(sparse_eval)
         self.distance_mode = distance_mode
         self.epoch = 0
         self.stage = schedule.stage(0)
-        self.kept_index: Optional[torch.Tensor] = None
-        self.positions = None           # the model's models.tokens.TokenPositions, where the kept index is recorded
+
+    @property
+    def insert_block(self) -> int:
+        return int(self.site)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -54,31 +52,15 @@ class TokenExpansion(nn.Module):
 
     @property
     def active(self) -> bool:
-        return (self.training or self.sparse_eval) and self.schedule.is_reducing(self.stage)
+        return (super().active or self.sparse_eval) and self.schedule.is_reducing(self.stage)
 
     def kept_tokens(self, num_tokens: int) -> int:
         """Patch tokens after the operator for ``num_tokens`` input patches, in the current stage and mode."""
         return self.schedule.kept_tokens(num_tokens, self.stage) if self.active else num_tokens
 
-    def forward(self, x: torch.Tensor):
-        if not self.active:
-            self.kept_index = None
-            return x, None
-        x, index = token_expansion(x, self.schedule, self.stage, self.num_prefix_tokens,
-                                   nearest=self.distance_mode == "nearest")
-        self.kept_index = index
-        if self.positions is not None:
-            self.positions.record(self.insert_block, index)
-        return x, index
-
-    def _pre_hook(self, block: nn.Module, args, kwargs):
-        if not self.active:
-            self.kept_index = None
-            return None
-        if kwargs.get("attn_mask") is not None:
-            raise RuntimeError("ToE changes the token count and cannot be combined with an attention mask")
-        x, _ = self(args[0])
-        return (x, *args[1:]), kwargs
+    def reduce(self, x: torch.Tensor):
+        return token_expansion(x, self.schedule, self.stage, self.num_prefix_tokens,
+                               nearest=self.distance_mode == "nearest")
 
     def extra_repr(self) -> str:
         s = self.schedule
@@ -93,7 +75,7 @@ def find_toe(model: nn.Module) -> Optional[TokenExpansion]:
 
 
 def iter_toe(model: nn.Module) -> Iterator[TokenExpansion]:
-    return (m for m in model.modules() if isinstance(m, TokenExpansion))
+    return iter_reducers(model, TokenExpansion)
 
 
 def set_epoch(model: nn.Module, epoch: int) -> Optional[int]:
@@ -112,32 +94,15 @@ def set_sparse_eval(model: nn.Module, enabled: bool) -> None:
 
 def apply_toe(model: nn.Module, schedule: ToESchedule, insert_block: int = 1, sparse_eval: bool = False,
               distance_mode: str = "published") -> TokenExpansion:
-    """Patch ToE into ``model`` (a timm ``VisionTransformer`` or anything with ``blocks`` and ``num_prefix_tokens``).
-
-    ``insert_block=1`` runs ToE on the output of the first block, as the paper does.
-    """
+    """Patch ToE into ``model`` (a timm ``VisionTransformer`` or anything with ``blocks`` and ``num_prefix_tokens``)
+    as ``model.toe``, at the input of ``insert_block`` (1: on the output of the first block, as the paper does)."""
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-        raise TypeError(f"{type(model).__name__} has no `blocks` sequence; ToE patches timm-style ViTs")
-    if find_toe(model) is not None:
-        raise RuntimeError("ToE is already applied to this model")
-    if not 0 <= insert_block < len(blocks):
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and not 0 <= insert_block < len(blocks):
         raise ValueError(f"toe.insert_block {insert_block} is outside 0..{len(blocks) - 1} for a {len(blocks)}-block model")
-    toe = TokenExpansion(schedule, getattr(model, "num_prefix_tokens", 1), insert_block, sparse_eval, distance_mode)
-    toe.positions = token_positions(model)
-    model.toe = toe
-    blocks[insert_block].register_forward_pre_hook(toe._pre_hook, with_kwargs=True)
-    return toe
+    toe = TokenExpansion(schedule, getattr(model, "num_prefix_tokens", 1), sparse_eval, distance_mode)
+    return install_reducer(model, toe, insert_block, "toe")
 
 
 def remove_toe(model: nn.Module) -> None:
     """Undo :func:`apply_toe`: the model becomes the plain timm model again."""
-    toe = getattr(model, "toe", None)
-    if not isinstance(toe, TokenExpansion):
-        return
-    for block in model.blocks:
-        for key, hook in list(block._forward_pre_hooks.items()):
-            if getattr(hook, "__self__", None) is toe:
-                del block._forward_pre_hooks[key]
-                block._forward_pre_hooks_with_kwargs.pop(key, None)
-    del model.toe
+    remove_reducer(model, "toe")
