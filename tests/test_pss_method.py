@@ -31,10 +31,10 @@ def test_trains_through_main_on_the_schedule_of_the_global_counter(digits, tmp_p
     assert log[0]["pss_keep_rate"] < 1.0 and log[1]["pss_keep_rate"] == 1.0      # the last epoch is the cooldown
     assert 0 < log[0]["pss_kept_patches"] < 16 and log[1]["pss_kept_patches"] == 16
     out = capsys.readouterr().out
-    shown = re.findall(r"keep (\d\.\d) \((\d+) patches\)", out)            # the progress line's state
-    assert shown and {float(r) for r, _ in shown} > {1.0}
-    assert all(int(n) == (num_kept_patches(16, 1 - float(r)) if float(r) < 1 else 16) for r, n in shown)
-    assert "PSS mean keep" in out
+    shown = re.findall(r"PSS: drop_ratio ([\d.]+), kept_patches (\d+)", out)     # the progress line's state
+    assert shown and {round(1 - float(d), 1) for d, _ in shown} > {1.0}
+    assert all(int(n) == (num_kept_patches(16, float(d)) if float(d) > 0 else 16) for d, n in shown)
+    assert "PSS: keep_rate" in out                                                # the epoch line
     summary = json.loads((tmp_path / "summary.json").read_text())
     shares = summary["methods"]["pss"]["keep_rate_shares"]
     assert sum(shares.values()) == pytest.approx(1.0) and shares["1.0"] > 0.5
