@@ -395,7 +395,9 @@ def torchrun(tree, out, *extra, until=None, action=None):
     return proc.returncode, "".join(lines)
 
 
-def kill_rank_1(proc):
+def ranks(proc):
+    """``{rank: pid}`` of the worker processes torchrun ``proc`` started."""
+    found = {}
     for pid in os.listdir("/proc"):
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -404,10 +406,25 @@ def kill_rank_1(proc):
                 environ = f.read().split(b"\0")
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == proc.pid and b"RANK=1" in environ:
-            os.kill(int(pid), signal.SIGKILL)
-            return
-    raise AssertionError("rank 1 not found")
+        rank = next((e[5:] for e in environ if e.startswith(b"RANK=")), None)
+        if ppid == proc.pid and rank is not None:
+            found[int(rank)] = int(pid)
+    return found
+
+
+def kill_rank_1(proc):
+    pid = ranks(proc).get(1)
+    if pid is None:
+        raise AssertionError("rank 1 not found")
+    os.kill(pid, signal.SIGKILL)
+
+
+def sigterm_every_rank(proc):
+    """What a cluster's scheduler does (Slurm signals every process of the job): SIGTERM to each worker."""
+    pids = ranks(proc)
+    assert sorted(pids) == [0, 1], pids
+    for pid in pids.values():
+        os.kill(pid, signal.SIGTERM)
 
 
 def test_two_processes_sigterm_a_killed_rank_and_exact_resume(tree, tmp_path):
@@ -426,9 +443,9 @@ def test_two_processes_sigterm_a_killed_rank_and_exact_resume(tree, tmp_path):
 
     for attempt in range(3):    # on a busy machine the ranks can be past the epoch's last stop check when the line
         run_dir = str(tmp_path / f"run{attempt}")           # is read (then they stop after it): try again then
-        code, out = torchrun(tree, run_dir, until="Epoch [1/2] [3/", action=lambda p: p.send_signal(signal.SIGTERM))
-        if "stopped by SIGTERM at epoch 1/2" in out:      # (else the signal landed past the last stop check, or
-            break                                         # while the ranks evaluated: torchrun itself took it)
+        code, out = torchrun(tree, run_dir, until="Epoch [1/2] [2/", action=sigterm_every_rank)
+        if "stopped by SIGTERM at epoch 1/2" in out:
+            break
     assert code != 0 and "stopped by SIGTERM at epoch 1/2" in out, out[-3000:]
     ckpt = load(os.path.join(run_dir, "checkpoint.pth"))
     assert ckpt["mid_epoch"]["world_size"] == 2 and len(ckpt["mid_epoch"]["ranks"]) == 2
