@@ -17,8 +17,9 @@ model), choose and observe training examples (``train_indices`` / ``observe``), 
 code logs and formats; ``plan_state``: the state of an epoch from the config alone, which also marks the phase
 boundaries), checkpoint (``state_dict`` / ``load_state_dict``), and be measured and evaluated (``variants``: the
 states to count, time and evaluate; ``inference_knob``: a setting to sweep at inference). Every hook has a do-nothing
-default, so a method implements only what it changes. Packages beside this file that hold a ``method.py`` are imported on first use of
-the registry: a new method needs its package and a config, nothing else.
+default, so a method implements only what it changes. Packages beside this file that hold a ``method.py`` are
+imported on first use of the registry: a new method needs its package and a config, nothing else
+(``docs/adding_a_method.md`` walks through one).
 """
 from __future__ import annotations
 

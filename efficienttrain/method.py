@@ -36,8 +36,8 @@ EVAL_SIZES = ("final", "phase")
 @dataclass
 class EfficientTrainConfig:
     """EfficientTrain v1 curriculum (defaults: the published ET_training.py for DeiT, five phases)."""
-    input_sizes: List[int] = field(default_factory=lambda: [160, 160, 160, 192, 224])
-    rand_magnitudes: List[int] = field(default_factory=lambda: [1, 3, 5, 7, 9])
+    input_sizes: List[int] = field(default_factory=lambda: [160, 160, 160, 192, 224])  # px per phase, last input_size
+    rand_magnitudes: List[int] = field(default_factory=lambda: [1, 3, 5, 7, 9])   # RandAugment magnitude per phase
     # the RandAugment policy of every phase, {m} the phase's magnitude; null: the config's aa in every phase
     rand_augment: Optional[str] = "rand-m{m}-mstd0.5-inc1"
     # per-process batch = batch_size x this; accumulation = grad_accum_steps / this (the effective batch is kept)

@@ -29,8 +29,8 @@ class PSSConfig:
     ``end_drop_ratio`` per iteration, clipped to [0, 1] and snapped to a multiple of 0.2; a fixed ratio is
     ``linear`` with start == end."""
     scheduler: str = field(default="cyclic", metadata={"choices": SCHEDULERS})
-    start_drop_ratio: float = 0.8
-    end_drop_ratio: float = -0.1
+    start_drop_ratio: float = 0.8      # the drop ratio at the first iteration (cyclic: at each cycle's peak)
+    end_drop_ratio: float = -0.1       # the drop ratio the schedule heads for (below 0: clipped to all patches)
     # the last epochs of `epochs` left out of the schedule (cyclic: all patches; cosine: the end ratio; linear:
     # the line goes on, as in the published code). DeiT passes its lr cooldown (10); SimMIM uses 0.
     cooldown_epochs: int = 10

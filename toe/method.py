@@ -20,10 +20,10 @@ from .schedule import DISTANCES, EXPANSIONS, INITS, MERGES, ScheduleError, ToESc
 @dataclass
 class ToEConfig:
     """Token Expansion. Stage s runs from ``expansion_steps[s-1]`` and keeps ``keep_rates[s-1]`` of the patch tokens."""
-    expansion_steps: List[int] = field(default_factory=lambda: [0, 100, 200])
-    keep_rates: List[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])
-    init_keep_rate: float = 0.25
-    repeat_k: int = 2
+    expansion_steps: List[int] = field(default_factory=lambda: [0, 100, 200])   # the epoch each stage starts at
+    keep_rates: List[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])  # patch tokens kept per stage (1: all)
+    init_keep_rate: float = 0.25        # the seeds: the share of the patch tokens picked on a grid before expanding
+    repeat_k: int = 2                   # the expansion steps that grow the seeds to the stage's keep rate
     distance: str = field(default="cosine", metadata={"choices": DISTANCES})
     # published: the authors' max-score rule for every distance; nearest: min distance for manhattan/euclidean
     distance_mode: str = field(default="published", metadata={"choices": DISTANCE_MODES})
