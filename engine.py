@@ -14,30 +14,10 @@ from torch import nn
 
 from timm.utils import AverageMeter
 
+from devices import autocast
 from distributed import all_reduce_sum
 from logger import RunLogger, Throughput, format_seconds
 from methods import Clock, ExampleBatch, MethodSet
-
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class AmpError(ValueError):
-    """An AMP setting the device cannot run; ``str(err)`` is the one line shown to the user."""
-
-
-def resolve_amp(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    """The one AMP rule: ``auto`` is bf16 on a GPU and off elsewhere; ``bf16`` runs on
-    any device; ``fp16`` needs a GPU (its loss scaler is CUDA's); ``none`` is off."""
-    if amp in (None, "", "none") or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16
-    if amp not in AMP_DTYPES:
-        raise AmpError(f"amp: '{amp}' is not one of auto, bf16, fp16, none")
-    if amp == "fp16" and device.type != "cuda":
-        raise AmpError("amp: 'fp16' needs a GPU; use bf16 or none on the CPU")
-    return AMP_DTYPES[amp]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,12 +65,6 @@ def to_device(obj, device: torch.device):
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
-
-
-def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 def _class_logits(outputs) -> torch.Tensor:

@@ -46,9 +46,10 @@ from checkpoint import ResumeState, RunDirError
 from config import Config, ConfigError, load_config
 from config_help import help_text
 from datasets import build_loaders, check_num_classes
+from devices import loss_scaler, resolve_amp
 from distributed import (DistInfo, any_rank, barrier, cleanup, gather_to_all, init_distributed, rng_state, seed_all,
                          set_rng_state)
-from engine import NonFiniteLossError, evaluate, resolve_amp, train_one_epoch
+from engine import NonFiniteLossError, evaluate, train_one_epoch
 from exits import (CONFIG_ERRORS, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_STOPPED, RUN_ERRORS, Abort, PeerStopped,
                    StopSignals, Stopped, one_line, peer_failure)
 from logger import LogWriteError, RunLogger, format_seconds, read_log, run_totals
@@ -157,7 +158,7 @@ def build_optimizer(r: Run) -> None:
     # the schedule is always built from the resolved config (also on resume: a new --lr or --epochs takes effect)
     r.updates_per_epoch = updates_per_epoch(cfg, len(r.train_loader.dataset), r.dist.world_size)
     r.scheduler = build_scheduler(cfg, r.optimizer, r.updates_per_epoch)
-    r.scaler = torch.amp.GradScaler("cuda") if r.amp_dtype == torch.float16 else None
+    r.scaler = loss_scaler(r.amp_dtype, r.dist.device)
 
 
 def wrap(r: Run, ckpt: Optional[Dict[str, Any]], path: Optional[str]) -> None:

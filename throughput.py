@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import AMP_DTYPES
-from engine import autocast as engine_autocast
+from devices import autocast as amp_autocast
+from devices import loss_scaler, resolve_amp
 from models.tokens import find_positions
 
 
@@ -63,11 +63,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_for(device: torch.device, amp: str):
-    """``--amp bf16|fp16`` as an autocast context (fp16 needs a GPU); ``none`` is a no-op."""
-    dtype = None if amp in ("none", "", None) else AMP_DTYPES[amp]
-    if dtype is torch.float16 and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a GPU (use bf16 on CPU, or none)")
-    return lambda: engine_autocast(device, dtype)
+    """A script's ``--amp`` as a factory of autocast contexts (the rule is :func:`devices.resolve_amp`)."""
+    dtype = resolve_amp(amp, device, "--amp")
+    return lambda: amp_autocast(device, dtype)
 
 
 def _median(xs: Sequence[float]) -> Optional[float]:
@@ -199,7 +197,7 @@ class TrainingBench:
 
     def __init__(self, device: torch.device, amp: str, autocast, compile: bool = False):
         self.device, self.autocast, self.compile = device, autocast, compile
-        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        self.scaler = loss_scaler(resolve_amp(amp, device, "--amp"), device)
         self.runners: Dict[int, nn.Module] = {}
         self.optimizers: Dict[int, torch.optim.Optimizer] = {}
         self.images: Optional[torch.Tensor] = None

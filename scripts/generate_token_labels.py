@@ -44,6 +44,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import token_labels as tl  # noqa: E402
+from devices import autocast, resolve_amp  # noqa: E402
 from logger import format_seconds  # noqa: E402
 
 
@@ -215,7 +216,7 @@ def generate(args) -> int:
     dataset = image_dataset(args.data, size, mean, std, args.preprocess, args.crop_pct)
     loader = torch.utils.data.DataLoader(_Rows(dataset, pending), batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else torch.autocast(device.type, enabled=False)
+    amp = autocast(device, resolve_amp("bf16" if args.amp else "none", device, "--amp"))
     done = writer.num_done
     with torch.no_grad():
         for images, rows in loader:

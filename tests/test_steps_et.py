@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import checkpoint as ckpt_io
 import main as entry
 from efficienttrain import low_frequency_crop
-from engine import resolve_amp, train_one_epoch
+from devices import resolve_amp
+from engine import train_one_epoch
 from logger import RunLogger
 from methods import Clock, MethodSet
 from models.resize import set_input_size

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import main as entry
 from datasets import RASampler
-from engine import resolve_amp, train_one_epoch
+from devices import resolve_amp
+from engine import train_one_epoch
 from logger import RunLogger
 from methods import Clock, MethodSet
 from models import create_model

@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import main as entry
 import trilevel.method as tm
 from datasets import RASampler
-from engine import resolve_amp, train_one_epoch
+from devices import resolve_amp
+from engine import train_one_epoch
 from logger import RunLogger
 from methods import Clock, ExampleBatch, MethodSet
 from models.tokens import token_positions
