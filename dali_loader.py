@@ -1,0 +1,244 @@
+"""``loader: dali``: the training images decoded and augmented by NVIDIA DALI, on the GPU where there is one.
+
+For nodes whose CPU cores cannot feed the GPUs (docs/loader.md). The training loader keeps everything but the pixels
+of the reference loader: the same ImageFolder file list and class indices, the same training sampler (sharded per
+rank, repeated augmentation, the methods' example subsets through ``sampler.set_indices``, a resumed epoch's
+``set_start``), the same batches of dataset indices, and the reference validation loader. Per batch it hands over
+``(images, classes, dataset indices)`` like the reference loader, the images already normalised float NCHW (on the
+GPU with a GPU); mixup/cutmix stay in the engine.
+
+The pipeline: ``fn.decoders.image_random_crop`` (device ``mixed``: nvJPEG / the hardware JPEG decoder; ``cpu``
+without a GPU) with the recipe's crop scale and aspect range, resize to ``input_size``, flip, the recipe's
+RandAugment (:mod:`dali_augment`) or colour jitter, normalisation, random erasing. Inputs of 32 px and less take
+DeiT's small-image path instead (resize, pad 4, random crop). DALI cannot reproduce PIL's pixels; what differs is
+in docs/loader.md. DALI draws its own random numbers from a pipeline seed made of the run seed, epoch, rank and
+start position, so the same run gives the same batches, but a resumed epoch draws other augmentations than the
+uninterrupted one did (the erasing boxes are drawn per sample from :func:`datasets.sample_seed`, as in the
+reference loader). DALI is optional: nothing here imports it until a pipeline is built.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import dali_augment as aug
+from datasets import DatasetError, build_loaders, load_rgb, sample_seed
+
+INSTALL = "loader: dali needs NVIDIA DALI, which is not installed: pip install -r requirements-dali.txt"
+FILE_SETS = ("imagenet", "folder", "digits")       # the data sets read as image files (cifar comes as arrays)
+
+
+def dali_installed() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):                # no ``nvidia`` namespace at all
+        return False
+
+
+def config_problem(cfg) -> Optional[str]:
+    """The one line that says why ``loader: dali`` cannot run this config (``None``: it can). Checked with the
+    config, before anything is written."""
+    if not dali_installed():
+        return INSTALL
+    if cfg.data_set not in FILE_SETS:
+        return (f"loader: dali reads image files (data_set {', '.join(FILE_SETS)}); data_set {cfg.data_set} comes "
+                f"as arrays: use loader: fast")
+    if getattr(cfg, "skip_bad_images", False):
+        return ("loader: dali cannot leave unreadable images out (skip_bad_images: true); use loader: fast, or "
+                "remove the files the error names")
+    if cfg.train_interpolation not in INTERPOLATIONS:
+        return (f"train_interpolation: '{cfg.train_interpolation}' with loader: dali must be one of "
+                f"{', '.join(INTERPOLATIONS)}")
+    try:
+        aug.rand_augment_plan(cfg.aa)
+    except aug.AugmentError as e:
+        return str(e)
+    return None
+
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+@dataclass
+class Spec:
+    """What the pipeline does, from the epoch's recipe."""
+    size: int
+    crop_scale: Tuple[float, float]
+    hflip: float
+    interpolation: str
+    color_jitter: float
+    rand_augment: Optional[aug.RandAugmentPlan]
+    erasing: object                  # timm's RandomErasing (its settings), or None
+    max_boxes: int
+    gpu: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> "Spec":
+        rer = aug.erasing(cfg)
+        gpu = torch.cuda.is_available() and getattr(cfg, "device", "auto") != "cpu"
+        return cls(size=cfg.input_size, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+                   interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter or 0.0,
+                   rand_augment=aug.rand_augment_plan(cfg.aa), erasing=rer,
+                   max_boxes=rer.max_count if rer is not None else 0, gpu=gpu)
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def _decode_and_crop(spec: Spec, encoded):
+    """Decoded uint8 HWC images at ``size`` x ``size``: DeiT's random-resized crop, or for small inputs its resize,
+    pad 4 and random crop."""
+    from nvidia.dali import fn, types
+    device = "mixed" if spec.gpu else "cpu"
+    interp = types.INTERP_CUBIC if spec.interpolation == "bicubic" else types.INTERP_LINEAR
+    if spec.size > 32:
+        images = fn.decoders.image_random_crop(encoded, device=device, output_type=types.RGB,
+                                               random_area=list(spec.crop_scale), random_aspect_ratio=[3 / 4, 4 / 3],
+                                               num_attempts=10)
+        return fn.resize(images, size=[spec.size, spec.size], interp_type=interp, antialias=True)
+    images = fn.decoders.image(encoded, device=device, output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=spec.size, interp_type=types.INTERP_CUBIC, antialias=True)
+    padded = spec.size + 8                            # centred window 4 px beyond each side, zeros outside
+    images = fn.crop(images, crop=[padded, padded], crop_pos_x=0.5, crop_pos_y=0.5, out_of_bounds_policy="pad",
+                     fill_values=0)
+    return fn.crop(images, crop=[spec.size, spec.size], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                   crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
+
+
+def _augment(spec: Spec, images):
+    """Flip, then RandAugment (or timm's colour jitter when RandAugment is off), on uint8 HWC."""
+    from nvidia.dali import fn, types
+    if spec.hflip > 0:
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=spec.hflip))
+    if spec.rand_augment is not None:
+        fill = int(round(255 * sum(IMAGENET_DEFAULT_MEAN) / 3))     # one grey (timm: the mean per channel)
+        return aug.apply_rand_augment(images, spec.rand_augment, spec.size, fill, types.INTERP_LINEAR)
+    if spec.color_jitter > 0:
+        lo, hi = max(0.0, 1 - spec.color_jitter), 1 + spec.color_jitter
+        images = fn.color_twist(images, brightness=fn.random.uniform(range=[lo, hi]),
+                                contrast=fn.random.uniform(range=[lo, hi]),
+                                saturation=fn.random.uniform(range=[lo, hi]))
+    return images
+
+
+def define_pipeline(spec: Spec, source, batch_size: int, num_threads: int, seed: int):
+    """The DALI pipeline: ``source()`` gives per batch the encoded files, classes, indices and erasing boxes."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(enable_conditionals=True)
+    def train_pipeline():
+        erasing = spec.erasing is not None
+        encoded, labels, indices, *boxes = fn.external_source(
+            source=source, num_outputs=5 if erasing else 3, batch=True,
+            dtype=[types.UINT8, types.INT64, types.INT64] + [types.FLOAT, types.FLOAT] * erasing)
+        images = _augment(spec, _decode_and_crop(spec, encoded))
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                          mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
+                                          std=[255 * s for s in IMAGENET_DEFAULT_STD])
+        if erasing:
+            images = aug.erase(images, spec.erasing, *boxes)
+        return images, labels, indices
+
+    return train_pipeline(batch_size=batch_size, num_threads=num_threads, seed=seed,
+                          device_id=torch.cuda.current_device() if spec.gpu else None,
+                          prefetch_queue_depth=2, exec_dynamic=True)
+
+
+# ------------------------------------------------------------------------------------------------ the loader
+class _Feed:
+    """The pipeline's external source: the sampler's next batch as encoded files, classes, indices and boxes. It
+    remembers the files of the batches handed over but not yet out of the pipeline (to name a broken one)."""
+
+    def __init__(self, loader: "DaliTrainLoader", keyed: Iterator):
+        self.loader, self.keyed, self.in_flight = loader, keyed, collections.deque()
+
+    def __call__(self):
+        keys = [next(self.keyed) for _ in range(self.loader.batch_size)]   # StopIteration ends the epoch
+        paths = [self.loader.samples[i][0] for i, _ in keys]
+        self.in_flight.append(paths)
+        encoded = [np.fromfile(p, dtype=np.uint8) for p in paths]
+        labels = [np.array(self.loader.samples[i][1], dtype=np.int64) for i, _ in keys]
+        indices = [np.array(i, dtype=np.int64) for i, _ in keys]
+        spec = self.loader.spec
+        if spec.erasing is None:
+            return encoded, labels, indices
+        boxes = [aug.erasing_boxes(spec.erasing, spec.size, s, spec.max_boxes) for _, s in keys]
+        return encoded, labels, indices, [b[0] for b in boxes], [b[1] for b in boxes]
+
+
+class DaliTrainLoader:
+    """The training loader of ``loader: dali``: what the trainer reads of a DataLoader (``sampler``, ``dataset``,
+    ``batch_size``, ``len``, iteration) over a DALI pipeline built anew for every pass."""
+
+    def __init__(self, reference, spec: Spec, num_threads: int, seed: int, rank: int):
+        self.sampler, self.dataset, self.batch_size = reference.sampler, reference.dataset, reference.batch_size
+        self.samples: List[Tuple[str, int]] = list(self.dataset.samples)
+        self.spec, self.num_threads, self.seed, self.rank = spec, num_threads, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size                       # drop_last, as the reference loader
+
+    def pipeline_seed(self) -> int:
+        return sample_seed(self.seed, self.sampler.epoch, self.rank, self.sampler.start) % (2 ** 31 - 1)
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+        feed = _Feed(self, iter(self.sampler))
+        with _named_errors(feed):
+            pipe = define_pipeline(self.spec, feed, self.batch_size, self.num_threads, self.pipeline_seed())
+            pipe.build()
+        for _ in range(len(self)):
+            with _named_errors(feed):
+                images, labels, indices = pipe.run()
+            feed.in_flight.popleft()
+            dense = images.as_tensor()
+            out = torch.empty(dense.shape(), dtype=torch.float32,
+                              device=torch.device("cuda", torch.cuda.current_device()) if self.spec.gpu else "cpu")
+            feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream() if self.spec.gpu else None)
+            yield out, torch.from_numpy(np.array(labels.as_tensor())), torch.from_numpy(np.array(indices.as_tensor()))
+        del pipe
+
+
+class _named_errors:
+    """A DALI failure becomes one :class:`DatasetError` line: PIL reads the files in flight again and names the
+    first one it cannot read; when PIL reads them all, the line gives DALI's reason and the batch's first file."""
+
+    def __init__(self, feed: _Feed):
+        self.feed = feed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is None or not issubclass(kind, RuntimeError) or isinstance(err, DatasetError):
+            return False
+        for paths in self.feed.in_flight:
+            for path in paths:
+                load_rgb(path)                              # raises DatasetError naming the file
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = self.feed.in_flight[0][0] if self.feed.in_flight else "(no file in flight)"
+        raise DatasetError(f"DALI could not process a batch starting with {first}: {reason}") from None
+
+
+def build_dali_loaders(cfg, rank: int, world_size: int, seed: int, extensions=None):
+    """``(train, val, nb_classes)`` like :func:`datasets.build_loaders`: its sampler, dataset and validation loader,
+    the training images from DALI."""
+    problem = config_problem(cfg)
+    if problem is not None:
+        raise DatasetError(problem)
+    if extensions is not None and len(extensions):
+        raise DatasetError(f"loader: dali hands over (images, class) batches; the sections {', '.join(extensions.names())} "
+                           f"change the training set: use loader: fast")
+    reference, val_loader, nb_classes = build_loaders(dataclasses.replace(cfg, loader="reference"), rank, world_size,
+                                                      seed, extensions=extensions)
+    spec = Spec.from_config(cfg)
+    return DaliTrainLoader(reference, spec, max(1, cfg.num_workers), seed, rank), val_loader, nb_classes
+
+
+
+__all__ = ["DaliTrainLoader", "Spec", "build_dali_loaders", "config_problem", "dali_installed", "INSTALL"]
