@@ -1,11 +1,38 @@
-"""The AMP rule, in one place for training, evaluation and the measuring scripts: which autocast dtype a setting
-means on a device, whether autocast is on, and whether the step needs a loss scaler."""
+"""The device rule and the AMP rule, each in one place for training, evaluation and the scripts: which device a
+setting means, which autocast dtype a setting means on that device, whether autocast is on, and whether the step
+needs a loss scaler."""
 from __future__ import annotations
 
 import contextlib
 from typing import Optional
 
 import torch
+
+
+class DeviceError(ValueError):
+    """The asked-for device does not exist; ``str(err)`` is the one line shown to the user."""
+
+
+def resolve_device(name: Optional[str] = "auto", local_rank: int = 0, key: str = "device") -> torch.device:
+    """The device of ``name``: ``auto`` is this process's GPU when there is one, else the CPU; ``cuda`` is this
+    process's GPU (``local_rank``), ``cuda:N`` a given one; a GPU that is not visible is an error, never a silent
+    CPU run. ``key`` is how the user spelled the setting (``device`` in a config, ``--device`` for a script)."""
+    if name in ("auto", "", None):
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, colon, index = str(name).partition(":")
+    if name == "cpu":
+        return torch.device("cpu")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        raise DeviceError(f"{key}: '{name}' is not one of auto, cpu, cuda, cuda:N")
+    fix = f"use {key}: auto or cpu" if key == "device" else f"use {key} auto or cpu"
+    if not torch.cuda.is_available():
+        raise DeviceError(f"{key}: '{name}' was asked for but no GPU is visible (CUDA_VISIBLE_DEVICES, driver); {fix}")
+    gpu, count = (int(index) if colon else local_rank), torch.cuda.device_count()
+    if gpu >= count:
+        why = "asked for" if colon else f"this process's GPU (local rank {local_rank})"
+        raise DeviceError(f"{key}: '{name}' is GPU {gpu}, {why}, but {count} GPU(s) are visible; use at most "
+                          f"cuda:{count - 1}, or start at most {count} processes per machine")
+    return torch.device("cuda", gpu)
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

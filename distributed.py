@@ -11,9 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class DeviceError(ValueError):
-    """The asked-for device does not exist; ``str(err)`` is the one line shown to the user."""
+from devices import resolve_device
 
 
 @dataclass
@@ -29,21 +27,6 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """The one device rule: ``auto`` is this process's GPU when there is one, else the CPU; ``cuda`` without a visible
-    GPU is an error (never a silent CPU run)."""
-    if name in ("auto", "", None):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError("device: 'cuda' was asked for but no GPU is visible (CUDA_VISIBLE_DEVICES, driver); "
-                              "use device: auto or cpu")
-        return torch.device("cuda", local_rank)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise DeviceError(f"device: '{name}' is not one of auto, cpu, cuda")
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

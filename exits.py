@@ -13,8 +13,8 @@ import torch
 from checkpoint import CheckpointError, RunDirError, first_line
 from config import ConfigError
 from datasets import DatasetError
-from devices import AmpError
-from distributed import DeviceError, DistInfo, any_rank
+from devices import AmpError, DeviceError
+from distributed import DistInfo, any_rank
 from engine import NonFiniteLossError
 from extensions import ExtensionError
 from methods import MethodError

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from devices import resolve_device
 from flop_count import (EXTRA_HANDLES, FWD_BWD_FACTOR, FlopCount, VariantFlops, analytic_vit_flops,  # noqa: F401
                         count_flops, epoch_flops, flops_report_json, format_flops_report, input_channels,
                         schedule_training_flops, si_flops, training_flops, unfused_attention, vit_dims)
@@ -28,7 +29,7 @@ from methods import MethodError, MethodSet, Variant
 from models import create_model
 from recipe import base_settings, planned_iterations
 from throughput import (OpTimer, Timed, TrainingBench, autocast_for, benchmark_inference, device_name,  # noqa: F401
-                        format_benchmark, keep_freed_memory, load_average, process_peak_rss_mb, resolve_device,
+                        format_benchmark, keep_freed_memory, load_average, process_peak_rss_mb,
                         saved_activations_mb, training_loss, training_rows)
 
 
@@ -150,7 +151,7 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
     ``steps`` rounds each run one step of every variant in turn (:class:`throughput.TrainingBench`).
     """
     log = log or (lambda msg: None)
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     size = int(input_size or cfg.input_size)
     torch.manual_seed(cfg.seed)
     kept_memory = keep_freed_memory() if keep_memory and dev.type == "cpu" else False

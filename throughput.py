@@ -56,12 +56,6 @@ def process_peak_rss_mb() -> Optional[float]:
     return None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast_for(device: torch.device, amp: str):
     """A script's ``--amp`` as a factory of autocast contexts (the rule is :func:`devices.resolve_amp`)."""
     dtype = resolve_amp(amp, device, "--amp")

@@ -44,7 +44,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import token_labels as tl  # noqa: E402
-from devices import autocast, resolve_amp  # noqa: E402
+from devices import DeviceError, autocast, resolve_amp, resolve_device  # noqa: E402
 from logger import format_seconds  # noqa: E402
 
 
@@ -185,7 +185,10 @@ def generate(args) -> int:
     from torchvision import datasets
     keys_ds = datasets.ImageFolder(args.data)
     num_classes = args.num_classes or len(keys_ds.classes)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device, key="--device")
+    except DeviceError as e:
+        raise SystemExit(str(e)) from None
     model = build_teacher(args, num_classes)
     if args.checkpoint:
         load_weights(model, args.checkpoint, args.use_ema)

@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader  # noqa: E402
 import checkpoint as ckpt_io  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
 from datasets import DatasetError, ShardSampler, build_dataset  # noqa: E402
-from devices import resolve_amp  # noqa: E402
+from devices import resolve_amp, resolve_device  # noqa: E402
 from engine import evaluate  # noqa: E402
-from measure import count_flops, input_channels, resolve_device  # noqa: E402
+from measure import count_flops, input_channels  # noqa: E402
 from methods import MethodError, MethodSet  # noqa: E402
 from models import create_model  # noqa: E402
 
@@ -48,7 +48,7 @@ def sweep(cfg, checkpoint: str, values: Optional[List[float]] = None, knob_name:
         raise MethodError(f"several knobs ({', '.join(knobs)}): choose one with --knob")
     knob = knobs[knob_name] if knob_name else next(iter(knobs.values()))
     values = list(values or knob.values)
-    dev = resolve_device(device)
+    dev = resolve_device(device, key="--device")
     amp_dtype = resolve_amp(amp, dev, "--amp")
     val_set, nb_classes = build_dataset(cfg, is_train=False)
     loader = DataLoader(val_set, sampler=ShardSampler(val_set), batch_size=batch_size or int(1.5 * cfg.batch_size),
