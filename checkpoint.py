@@ -8,7 +8,7 @@ continues (``epoch``, ``step`` inside it, ``global_step``). A checkpoint written
 epoch and adds ``mid_epoch``: the sampler position, and per rank the epoch's subset, RNG states and running
 figures, so that a resumed run trains exactly the batches an uninterrupted one would.
 
-Every file goes through :func:`atomic_write` (a unique temporary name in the same directory, ``fsync`` of the file,
+Every file goes through :func:`files.atomic_write` (a unique temporary name in the same directory, ``fsync`` of the file,
 rename, ``fsync`` of the directory): a kill or a full disk leaves the previous file as it was. ``best.pth`` is a hard
 link to the ``checkpoint.pth`` of its epoch, made after it, so it can never be newer than ``checkpoint.pth``'s record
 of the best epoch; :func:`reconcile_best` repairs the one window a kill can leave (between the two renames).
@@ -27,13 +27,14 @@ import re
 import shutil
 import socket
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from files import atomic_write, first_line, publish, temp_name, write_text  # noqa: F401  (ckpt_io.write_text)
 
 VERSION = 2
 HEAD_PREFIXES = ("head.", "head_dist.", "aux_head.")
@@ -50,91 +51,7 @@ class RunDirError(RuntimeError):
     """The output directory cannot take this run; ``str(err)`` is the one line shown to the user."""
 
 
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name when the message is empty)."""
-    for line in str(err).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(err).__name__
-
-
 # ------------------------------------------------------------------------------------------------ writing
-def fsync_dir(directory: str) -> None:
-    """Make a rename inside ``directory`` durable (a no-op where the file system cannot sync directories)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: str) -> str:
-    """A temporary name beside ``path`` that no other process or thread can pick."""
-    directory, base = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-class _Recording:
-    """A file wrapper that keeps the ``OSError`` of a failed write (torch.save reports it as an opaque RuntimeError)."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        self.f.flush()
-
-
-def atomic_write(path: str, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Write ``path`` through ``write(file)``: into a unique temporary file in the same directory, ``fsync``, rename
-    over ``path``, ``fsync`` the directory. On any failure (full disk, a signal, an exception in ``write``) the
-    temporary file is removed, ``path`` is left as it was and the error is raised (an ``OSError`` for I/O)."""
-    tmp = _temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            rec = _Recording(f)
-            try:
-                write(rec)
-            except Exception:
-                if rec.error is not None:
-                    raise rec.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _publish(tmp, path)
-
-
-def _publish(tmp: str, path: str) -> None:
-    """Rename the finished ``tmp`` over ``path`` and ``fsync`` the directory; on failure ``tmp`` is removed."""
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def write_text(path: str, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), binary=False)
-
-
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     """Write a checkpoint atomically; a failure raises one :class:`CheckpointError` line and leaves the old file."""
     try:
@@ -148,7 +65,7 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
 
 def link_best(checkpoint: str, best: str) -> None:
     """Make ``best`` the same file as ``checkpoint`` (a hard link renamed into place; a copy where links fail)."""
-    tmp = _temp_name(best)
+    tmp = temp_name(best)
     try:
         os.link(checkpoint, tmp)
     except OSError:
@@ -159,7 +76,7 @@ def link_best(checkpoint: str, best: str) -> None:
             raise CheckpointError(f"cannot write {best}: {e.strerror or first_line(e)}; the previous best.pth is "
                                   f"intact") from None
         return
-    _publish(tmp, best)
+    publish(tmp, best)
 
 
 def reconcile_best(checkpoint: str, best: str, state: Dict[str, Any]) -> bool:

@@ -22,9 +22,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from checkpoint import first_line
 from config_sources import ConfigError, deep_merge, parse_overrides, read_yaml
 from extensions import ExtensionError, extension_class, extension_classes
+from files import first_line
 from methods import MethodError, method_class, registry
 
 
@@ -507,5 +507,5 @@ def load_config(path: Optional[str], overrides: Optional[List[str]] = None) -> C
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config (atomically); it loads back with ``load_config(path)``."""
-    from checkpoint import write_text       # the one atomic writer
+    from files import write_text       # the one atomic writer
     write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None))

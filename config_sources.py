@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional, Set
 
 import yaml
 
+from files import first_line
+
 
 class ConfigError(ValueError):
     """A configuration mistake; ``str(err)`` is the one line shown to the user."""
@@ -40,7 +42,7 @@ def _yaml_where(err: "yaml.YAMLError", path: str) -> str:
 
 
 def _yaml_problem(err: "yaml.YAMLError") -> str:
-    return getattr(err, "problem", None) or str(err).splitlines()[0]
+    return getattr(err, "problem", None) or first_line(err)
 
 
 def deep_merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:

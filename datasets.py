@@ -33,6 +33,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import find_classes, has_file_allowed_extension
 
 from extensions import ExtensionSet
+from files import first_line
 
 
 class DatasetError(ValueError):
@@ -104,8 +105,7 @@ def load_rgb(path: str) -> Image.Image:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except Exception as e:  # noqa: BLE001 -- any decoder failure becomes one message that names the file
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DatasetError(f"cannot read image {path}: {reason}") from None
+        raise DatasetError(f"cannot read image {path}: {first_line(e)}") from None
 
 
 class _ImageFolder(datasets.ImageFolder):
@@ -178,7 +178,7 @@ def _image_folder(root: str, split: str, transform, warn: bool = True) -> datase
     try:
         ds = _ImageFolder(path, transform=transform, loader=load_rgb)
     except FileNotFoundError as e:       # no class dirs, or a class dir without images
-        raise DatasetError(f"no images found under {path}: {str(e).splitlines()[0]}") from None
+        raise DatasetError(f"no images found under {path}: {first_line(e)}") from None
     if ds.skipped_dirs and warn:
         shown = ", ".join(os.path.relpath(d, path) for d in ds.skipped_dirs[:3])
         more = f" and {len(ds.skipped_dirs) - 3} more" if len(ds.skipped_dirs) > 3 else ""

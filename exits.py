@@ -10,13 +10,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from checkpoint import CheckpointError, RunDirError, first_line
+from checkpoint import CheckpointError, RunDirError
 from config import ConfigError
 from datasets import DatasetError
 from devices import AmpError, DeviceError
 from distributed import DistInfo, any_rank
 from engine import NonFiniteLossError
 from extensions import ExtensionError
+from files import first_line
 from methods import MethodError
 from models.resize import ResizeError
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from checkpoint import first_line
+from files import first_line, write_text
 
 ITERATIONS = "iterations.jsonl"     # the per-iteration log beside log.jsonl (log_every)
 NOT_SCALARS = ("iteration", "epoch", "step")      # a per-iteration record's position (TensorBoard's step already)
@@ -204,7 +204,6 @@ def read_records(path: str, key: str) -> List[Dict[str, Any]]:
 def trim_records(path: str, key: str, before: int) -> int:
     """Keep one record per position ``key`` below ``before`` (where a resumed run continues), in order; drop the
     records a kill left after the checkpoint, duplicates and lines that cannot be read. Returns the lines dropped."""
-    from checkpoint import write_text
 
     if not os.path.isfile(path):
         return 0
@@ -232,7 +231,6 @@ def trim_log(path: str, next_epoch: int) -> int:
 
 def restore_record(path: str, record: Optional[Dict[str, Any]]) -> bool:
     """Append a checkpoint's copy of its epoch's record when the log lacks it (a write failed, the file was lost)."""
-    from checkpoint import write_text
 
     records = read_log(path)
     if not _positioned(record, "epoch") or any(r["epoch"] == record["epoch"] for r in records):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import checkpoint as ckpt_io
-from checkpoint import first_line
+from files import first_line
 from config import Config, ConfigError
 from datasets import DatasetError
 from engine import DistillationLoss

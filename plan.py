@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 import measure
+from files import first_line
 from methods import Clock, MethodSet
 from recipe import (PER_UPDATE, build_scheduler, lr_epoch, lr_update, planned_iterations, scaled_lr, settings_at,
                     updates_per_epoch)
@@ -76,7 +77,7 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
         full_total = report["full"].fvcore.total * measure.FWD_BWD_FACTOR * images * total
         totals.update(flops=run_total, full_flops=full_total, ideal_speedup=full_total / run_total if run_total else 1.0)
     except Exception as e:  # noqa: BLE001 -- a model or dataset the counter cannot size: the rows still stand
-        totals.update(flops=None, full_flops=None, ideal_speedup=None, flops_error=str(e).splitlines()[0][:120])
+        totals.update(flops=None, full_flops=None, ideal_speedup=None, flops_error=first_line(e)[:120])
     return rows, totals
 
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import checkpoint as ckpt_io
-from checkpoint import CheckpointError, ResumeState, first_line
+from checkpoint import CheckpointError, ResumeState
 from config import Config, ConfigError
+from files import first_line
 from models.resize import input_size_of, set_input_size
 from recipe import scaled_lr, settings_at
 

@@ -8,10 +8,11 @@ import os
 from typing import List, Optional
 
 import checkpoint as ckpt_io
-from checkpoint import RunDirError, first_line
+from checkpoint import RunDirError
 from config import Config, save_config
 from distributed import DistInfo
 from exits import on_main
+from files import first_line
 from logger import ITERATIONS, restore_record, trim_iterations, trim_log
 
 

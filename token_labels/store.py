@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from datasets import DatasetError
+from files import first_line
 
 FORMAT = "toe-token-labels"
 VERSION = 1
@@ -223,7 +224,7 @@ def read_pt_label(path: str, name: str) -> Tuple[np.ndarray, np.ndarray]:
     try:
         t = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- a truncated or foreign file names itself
-        raise TokenLabelError(f"cannot read token label {path} of image '{name}': {str(e).splitlines()[0]}") from None
+        raise TokenLabelError(f"cannot read token label {path} of image '{name}': {first_line(e)}") from None
     if not torch.is_tensor(t) or t.ndim != 4 or t.shape[0] != 2:
         shape = list(t.shape) if torch.is_tensor(t) else type(t).__name__
         raise TokenLabelError(f"token label {path} of image '{name}' has shape {shape}, expected [2, k, H, W]")

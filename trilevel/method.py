@@ -37,7 +37,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from checkpoint import first_line
+from files import first_line
 from methods import Clock, ExampleBatch, Method, MethodError, TokenSite, Variant, register_method
 
 from .cost import ForwardCost, ViTDims, representative_states, stage_tokens
