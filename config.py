@@ -18,7 +18,7 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -358,8 +358,7 @@ def validate(cfg: Config) -> Config:
     _check_ranges(cfg)
     _check_models_and_data(cfg)
     _check_extensions(cfg)
-    if cfg.reproduces is not None:
-        check_reproduces(cfg.reproduces)
+    reproduced_rows(cfg.reproduces)
     _check_methods(cfg)
     return cfg
 
@@ -436,14 +435,19 @@ def _check_methods(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
 
 
-def check_reproduces(value: Any) -> None:
-    """``reproduces: {paper: P, row: R}`` (or a list of them: a baseline recipe is a row of several tables) names
-    rows of :func:`methods.published_rows` (one line otherwise)."""
+def reproduced_rows(value: Any) -> Optional[List[Tuple[str, str]]]:
+    """The ``(paper, row)`` pairs that ``reproduces: {paper: P, row: R}`` (or a list of them: a baseline recipe is a
+    row of several tables) names, each a row of :func:`methods.published_rows` (one line otherwise); ``None``
+    without the key. The one reading of the key, for the config's checks and for ``scripts/tables.py``."""
+    if value is None:
+        return None
+    return [_reproduced_row(item) for item in (value if isinstance(value, list) and value else [value])]
+
+
+def _reproduced_row(value: Any) -> Tuple[str, str]:
     from methods import published_rows
-    if isinstance(value, list) and value:
-        for item in value:
-            check_reproduces(item)
-        return
+    if not isinstance(value, dict) and hasattr(value, "paper") and hasattr(value, "row"):
+        value = {"paper": value.paper, "row": value.row}        # an object with the two fields reads as the mapping
     if not isinstance(value, dict):
         raise ConfigError(f"reproduces: expected a mapping {{paper: NAME, row: LABEL}} or a list of them, got {value!r}")
     if set(value) != {"paper", "row"} or not all(isinstance(v, str) for v in value.values()):
@@ -458,7 +462,8 @@ def check_reproduces(value: Any) -> None:
         close = difflib.get_close_matches(value["row"], labels, n=3, cutoff=0.4)
         hint = (f"; close rows: {'; '.join(repr(c) for c in close)}" if close
                 else f"; scripts/tables.py --published lists the rows")
-        raise ConfigError(f"reproduces.row: paper '{value['paper']}' has no row '{value['row']}'{hint}")
+        raise ConfigError(f"reproduces.row: paper '{value['paper']}' has no published row '{value['row']}'{hint}")
+    return value["paper"], value["row"]
 
 
 def _check_kwargs(key: str, kwargs: Dict[str, Any]) -> None:

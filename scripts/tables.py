@@ -28,7 +28,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
@@ -37,6 +37,7 @@ for path in (ROOT, SCRIPTS):
         sys.path.insert(0, path)
 
 from compare import flops_of, read_run, run_metrics  # noqa: E402  (the run reading shared with compare.py)
+from config import reproduced_rows  # noqa: E402
 from methods import PublishedRow, published_rows  # noqa: E402
 
 NA = "n/a (not recovered)"
@@ -52,21 +53,6 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     return a == b
-
-
-def reproduces_of(cfg) -> Optional[List[Tuple[str, str]]]:
-    """``[(paper, row), ...]`` of the config's ``reproduces`` key (a mapping, an object or a list of them), or
-    ``None`` without one."""
-    value = getattr(cfg, "reproduces", None)
-    if not value:
-        return None
-    out = []
-    for item in (value if isinstance(value, list) else [value]):
-        get = item.get if isinstance(item, dict) else (lambda k, item=item: getattr(item, k, None))
-        paper, row = get("paper"), get("row")
-        if paper and row:
-            out.append((str(paper), str(row)))
-    return out or None
 
 
 def matches(cfg, row: PublishedRow) -> bool:
@@ -94,15 +80,10 @@ def published_for(cfg, rows: Sequence[PublishedRow]) -> List[PublishedRow]:
     auto = [r for r in rows if matches(cfg, r)]
     if any(r.model is not None for r in auto):
         auto = [r for r in auto if r.model is not None]
-    named = reproduces_of(cfg)
+    named = reproduced_rows(getattr(cfg, "reproduces", None))      # checked as the config checks it
     if named is None:
         return auto
     chosen = [r for r in rows if (r.paper, r.row) in named]
-    known = {(r.paper, r.row) for r in published_rows()}
-    missing = [n for n in named if n not in known]
-    if missing:
-        raise ValueError(f"reproduces: no published row '{missing[0][1]}' of paper '{missing[0][0]}' (see "
-                         "scripts/tables.py --published)")
     if not chosen:
         return auto        # the named rows are not among the rows asked about (a caller's subset)
     if any(r.methods is not None and not matches(cfg, r) for r in chosen):

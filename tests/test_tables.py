@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import methods
-from config import load_config, save_config
+from config import ConfigError, load_config, save_config
 from methods import PublishedRow
 from tests.runs import CONFIGS, DEMO, ROOT
 from tests.runs import TOE_FOUR_EPOCHS as TINY
@@ -145,6 +145,10 @@ def test_reproduces_key_names_the_row(tmp_path):
     assert rows_by_name(cfg)[0] == ("trilevel", "DeiT-S (baseline)")
     cfg.reproduces = {"paper": "toe", "row": "no such row"}
     with pytest.raises(ValueError, match="no published row 'no such row'"):
+        tables.published_for(cfg, methods.published_rows())
+    cfg.reproduces = {"paper": "toe", "row": "DeiT-S Toe"}             # the config's own check, hint included
+    with pytest.raises(ConfigError, match="^reproduces.row: paper 'toe' has no published row 'DeiT-S Toe'; close rows: "
+                                          "'DeiT-S ToE'"):
         tables.published_for(cfg, methods.published_rows())
 
 
