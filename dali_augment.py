@@ -162,16 +162,17 @@ def _magnitude_bins(plan: RandAugmentPlan):
 
 
 def apply_rand_augment(images, plan: RandAugmentPlan, size: int, fill: int, interp):
-    """timm's RandAugment on a batch of uint8 HWC images (inside a pipeline with conditionals on)."""
+    """timm's RandAugment on a batch of uint8 HWC images (inside a pipeline with conditionals on): per layer one of
+    the ops with probability ``prob`` (uniformly), else the image as it is (DALI's identity, the last choice)."""
     from nvidia.dali import fn, types
+    from nvidia.dali.auto_aug import augmentations as a
     from nvidia.dali.auto_aug.core import select, signed_bin
-    suite = _dali_suite(plan)
+    suite = _dali_suite(plan) + [a.identity]
+    k = len(suite) - 1
     for _ in range(plan.num_layers):
-        op = fn.random.uniform(values=list(range(len(suite))), dtype=types.INT32)
-        mag = signed_bin(_magnitude_bins(plan))
-        if fn.random.coin_flip(probability=plan.prob, dtype=types.BOOL):
-            images = select(suite, op, images, magnitude_bin=mag, num_magnitude_bins=plan.num_bins,
-                            shape=(size, size), fill_value=fill, interp_type=interp)
+        op = fn.random.choice(np.arange(len(suite), dtype=np.int32), p=[plan.prob / k] * k + [1.0 - plan.prob])
+        images = select(suite, op, images, magnitude_bin=signed_bin(_magnitude_bins(plan)),
+                        num_magnitude_bins=plan.num_bins, shape=(size, size), fill_value=fill, interp_type=interp)
     return images
 
 

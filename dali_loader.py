@@ -151,14 +151,22 @@ def define_pipeline(spec: Spec, source, batch_size: int, num_threads: int, seed:
 
 # ------------------------------------------------------------------------------------------------ the loader
 class _Feed:
-    """The pipeline's external source: the sampler's next batch as encoded files, classes, indices and boxes. It
-    remembers the files of the batches handed over but not yet out of the pipeline (to name a broken one)."""
+    """The pipeline's external source: the sampler's next batch as encoded files, classes, indices and boxes, for
+    the pass's ``batches`` batches, then the end of the pass. It remembers the files of the batches handed over but
+    not yet out of the pipeline (to name a broken one)."""
 
-    def __init__(self, loader: "DaliTrainLoader", keyed: Iterator):
-        self.loader, self.keyed, self.in_flight = loader, keyed, collections.deque()
+    def __init__(self, loader: "DaliTrainLoader"):
+        self.loader, self.keyed, self.left, self.in_flight = loader, iter(()), 0, collections.deque()
+
+    def start(self, keyed: Iterator, batches: int) -> None:
+        self.keyed, self.left = keyed, batches
+        self.in_flight.clear()
 
     def __call__(self):
-        keys = [next(self.keyed) for _ in range(self.loader.batch_size)]   # StopIteration ends the epoch
+        if self.left <= 0:
+            raise StopIteration                 # DALI's end of a pass: the pipeline waits for reset()
+        self.left -= 1
+        keys = [next(self.keyed) for _ in range(self.loader.batch_size)]
         paths = [self.loader.samples[i][0] for i, _ in keys]
         self.in_flight.append(paths)
         encoded = [np.fromfile(p, dtype=np.uint8) for p in paths]
@@ -173,12 +181,17 @@ class _Feed:
 
 class DaliTrainLoader:
     """The training loader of ``loader: dali``: what the trainer reads of a DataLoader (``sampler``, ``dataset``,
-    ``batch_size``, ``len``, iteration) over a DALI pipeline built anew for every pass."""
+    ``batch_size``, ``len``, iteration) over one DALI pipeline.
+
+    The pipeline is defined once (defining RandAugment's graph takes seconds) and reset between passes; a pass the
+    trainer left early (a stop, ``epoch_updates: images``) leaves batches queued in it, so the next pass defines a
+    new one, seeded from where that pass starts (:meth:`pipeline_seed`)."""
 
     def __init__(self, reference, spec: Spec, num_threads: int, seed: int, rank: int):
         self.sampler, self.dataset, self.batch_size = reference.sampler, reference.dataset, reference.batch_size
         self.samples: List[Tuple[str, int]] = list(self.dataset.samples)
         self.spec, self.num_threads, self.seed, self.rank = spec, num_threads, seed, rank
+        self.feed, self.pipe, self.finished = _Feed(self), None, False
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size                       # drop_last, as the reference loader
@@ -186,22 +199,36 @@ class DaliTrainLoader:
     def pipeline_seed(self) -> int:
         return sample_seed(self.seed, self.sampler.epoch, self.rank, self.sampler.start) % (2 ** 31 - 1)
 
+    def _start_pass(self, batches: int) -> None:
+        """A pipeline at the start of a pass of ``batches`` batches: the last one reset, or a new one."""
+        feed = self.feed
+        if self.pipe is not None and self.finished:
+            try:
+                self.pipe.run()                 # the end of the last pass (the trainer stops at len(), not past it)
+            except StopIteration:
+                feed.start(iter(self.sampler), batches)
+                self.pipe.reset()
+                return
+        self.pipe = None
+        feed.start(iter(self.sampler), batches)
+        with _named_errors(feed):
+            self.pipe = define_pipeline(self.spec, feed, self.batch_size, self.num_threads, self.pipeline_seed())
+            self.pipe.build()
+
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import feed_ndarray
-        feed = _Feed(self, iter(self.sampler))
-        with _named_errors(feed):
-            pipe = define_pipeline(self.spec, feed, self.batch_size, self.num_threads, self.pipeline_seed())
-            pipe.build()
-        for _ in range(len(self)):
-            with _named_errors(feed):
-                images, labels, indices = pipe.run()
-            feed.in_flight.popleft()
+        batches, self.finished = len(self), False
+        self._start_pass(batches)
+        device = torch.device("cuda", torch.cuda.current_device()) if self.spec.gpu else torch.device("cpu")
+        for k in range(batches):
+            with _named_errors(self.feed):
+                images, labels, indices = self.pipe.run()
+            self.feed.in_flight.popleft()
+            self.finished = k + 1 == batches
             dense = images.as_tensor()
-            out = torch.empty(dense.shape(), dtype=torch.float32,
-                              device=torch.device("cuda", torch.cuda.current_device()) if self.spec.gpu else "cpu")
+            out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
             feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream() if self.spec.gpu else None)
             yield out, torch.from_numpy(np.array(labels.as_tensor())), torch.from_numpy(np.array(indices.as_tensor()))
-        del pipe
 
 
 class _named_errors:
