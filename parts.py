@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 import checkpoint as ckpt_io
-from files import first_line
 from config import Config, ConfigError
 from datasets import DatasetError
 from engine import DistillationLoss
 from extensions import ExtensionError, ExtensionSet
+from files import first_line
 from methods import MethodError, MethodSet
-from models import create_model
+from models import create_model, vit_problem
 from models.resize import at_input_size
 from recipe import Settings
 
@@ -44,9 +44,10 @@ def build_model(cfg: Config, nb_classes: int, methods: MethodSet, img_size: Opti
             raise
         raise ConfigError(f"model_kwargs: {cfg.model} cannot be built with {cfg.model_kwargs}: "
                           f"{type(e).__name__}: {first_line(e)}") from None
-    if not (hasattr(model, "patch_embed") and hasattr(model, "blocks")):
-        raise ConfigError(f"model: {cfg.model} is not a ViT ({type(model).__name__} has no patch_embed and blocks); this "
-                          f"trainer takes timm Vision Transformers such as deit_small_patch16_224, vit_*, lvvit_*")
+    problem = vit_problem(model)
+    if problem:
+        raise ConfigError(f"model: {cfg.model} is not a ViT ({problem}); this trainer takes timm Vision Transformers "
+                          f"such as deit_small_patch16_224, vit_*, lvvit_*")
     return model
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from methods import Clock, Method, MethodError, Recipe, Variant, bilinear_resize, register_method
+from models import check_vit
 from models.resize import ResizeError, check_resizable, set_input_size
 
 from .ops import low_frequency_crop
@@ -121,8 +122,9 @@ class EfficientTrain(Method):
 
     # --- the model ------------------------------------------------------------------------------------------
     def patch(self, model: nn.Module) -> List[nn.Module]:
+        check_vit(model, "efficienttrain")
         try:
-            check_resizable(model, "efficienttrain")
+            check_resizable(model, "efficienttrain")             # and one whose input size can follow the curriculum
         except ResizeError as e:
             raise MethodError(str(e)) from None
         patch = int(model.patch_embed.patch_size[0])

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 import timm
 from torch import nn
 
-from methods import MethodSet, registry
+from methods import MethodError, MethodSet, registry
 
 from . import lvvit  # noqa: F401  (registers lvvit_t/s/m/l with timm)
 
@@ -41,6 +41,24 @@ def num_patches(model: nn.Module) -> Optional[int]:
     """Patch tokens of a ViT at its configured input size (``None`` if the model has no patch embedding)."""
     pe = getattr(unwrap(model), "patch_embed", None)
     return getattr(pe, "num_patches", None)
+
+
+def vit_problem(model: nn.Module) -> Optional[str]:
+    """Why ``model`` is not a timm-style ViT (patch tokens from a ``patch_embed``, then ``blocks`` in a
+    Sequential / ModuleList, which the methods hook), or ``None`` when it is one: the one is-it-a-ViT rule."""
+    blocks = getattr(unwrap(model), "blocks", None)
+    if not num_patches(model) or not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        return f"{type(unwrap(model)).__name__} has no patch tokens and `blocks`"
+    return None
+
+
+def check_vit(model: nn.Module, who: str) -> int:
+    """The patch tokens of a timm-style ViT; else one :class:`methods.MethodError` line starting with ``who`` (the
+    method's section) that says why (:func:`vit_problem`)."""
+    problem = vit_problem(model)
+    if problem:
+        raise MethodError(f"{who}: {problem}; {who} needs a timm-style ViT (DeiT, vit_*, lvvit_*)")
+    return int(num_patches(model))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from methods import Clock, InferenceKnob, Method, MethodError, TokenSite, Variant, register_method
+from models import check_vit
 
 from .ops import SAMPLERS, apply_sampler, iter_samplers
 from .schedule import SCHEDULERS, PSSSchedule, ScheduleError, num_kept_patches
@@ -79,10 +80,7 @@ class PatchSamplingSchedule(Method):
 
     # --- the model ------------------------------------------------------------------------------------------
     def patch(self, model: nn.Module) -> List[nn.Module]:
-        patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
-        if not patches or not isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
-            raise MethodError(f"pss: {type(model).__name__} has no patch tokens and `blocks`; PSS samples the patch "
-                              "tokens of a timm-style ViT")
+        patches = check_vit(model, "pss")
         worst = max(_schedule(self.section, self.epochs, 2).level_shares())
         if worst > 0 and num_kept_patches(patches, worst) < 1:
             raise MethodError(f"pss.start_drop_ratio: the schedule keeps no patch of the model's {patches}; lower it "

@@ -12,6 +12,7 @@ from typing import Any, Dict, List
 from torch import nn
 
 from methods import Clock, Method, MethodError, TokenSite, Variant, register_method
+from models import check_vit
 
 from .patch import DISTANCE_MODES, apply_toe, iter_toe
 from .schedule import DISTANCES, EXPANSIONS, INITS, MERGES, ScheduleError, ToESchedule
@@ -78,10 +79,7 @@ class ToE(Method):
 
     # --- the model ------------------------------------------------------------------------------------------
     def patch(self, model: nn.Module) -> List[nn.Module]:
-        blocks = getattr(model, "blocks", None)
-        patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
-        if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not patches:
-            raise MethodError(f"toe: {type(model).__name__} has no patch tokens and `blocks`; ToE needs a timm-style ViT")
+        patches, blocks = check_vit(model, "toe"), model.blocks
         b = self.section.insert_block
         if b >= len(blocks):
             raise MethodError(f"toe.insert_block: {b} is outside 0..{len(blocks) - 1} for a {len(blocks)}-block model")

@@ -39,6 +39,7 @@ from torch import nn
 
 from files import first_line
 from methods import Clock, ExampleBatch, Method, MethodError, TokenSite, Variant, register_method
+from models import check_vit
 
 from .cost import ForwardCost, ViTDims, representative_states, stage_tokens
 from .examples import ExampleLevel, ExampleSelector, SwapResult, cls_attention_variance, swap_epochs
@@ -188,15 +189,13 @@ class TriLevel(Method):
     def patch(self, model: nn.Module) -> List[nn.Module]:
         if not self.patches:
             return []
-        blocks = getattr(model, "blocks", None)
-        depth = len(blocks) if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else 0
+        check_vit(model, "trilevel")
         # only the cls tie-break (no token or attention level): the masked blocks for the CLS attention, no pruning
         loc = list(self.section.pruning_loc) if self.sparse else []
-        if depth:
-            try:
-                check_pruning_loc(loc, depth)
-            except TriLevelConfigError as e:
-                raise MethodError(str(e)) from None
+        try:
+            check_pruning_loc(loc, len(model.blocks))
+        except TriLevelConfigError as e:
+            raise MethodError(str(e)) from None
         if getattr(model, "cls_token", None) is None or getattr(model, "global_pool", "token") != "token":
             raise MethodError(f"model: {self.cfg.model} has no CLS token read by the head (class_token false or "
                               "global_pool not 'token'); Tri-Level ranks tokens (and classifies) with the CLS token")
