@@ -41,10 +41,11 @@ TIMM_TO_DALI = {
     "Equalize": ("equalize", None, False),
     "Invert": ("invert", None, False),
     "Rotate": ("rotate", lambda lv: 30.0 * lv, True),
-    "ShearX": ("shear_x", lambda lv: 0.3 * lv, True),
-    "ShearY": ("shear_y", lambda lv: 0.3 * lv, True),
-    "TranslateXRel": ("translate_x", lambda lv: 0.45 * lv, True),
-    "TranslateYRel": ("translate_y", lambda lv: 0.45 * lv, True),
+    # DALI's warp maps input to output, PIL's transform output to input: the same sign moves the other way
+    "ShearX": ("shear_x", lambda lv: -0.3 * lv, True),
+    "ShearY": ("shear_y", lambda lv: -0.3 * lv, True),
+    "TranslateXRel": ("translate_x", lambda lv: -0.45 * lv, True),
+    "TranslateYRel": ("translate_y", lambda lv: -0.45 * lv, True),
     "PosterizeIncreasing": ("posterize", lambda lv: 4 - int(lv * 4), False),     # bits kept
     "Posterize": ("posterize", lambda lv: int(lv * 4), False),
     "PosterizeOriginal": ("posterize", lambda lv: int(lv * 4) + 4, False),
