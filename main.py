@@ -55,6 +55,7 @@ from exits import (CONFIG_ERRORS, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_STOPPED
 from logger import LogWriteError, RunLogger, format_seconds, read_log, run_totals
 from extensions import ExtensionSet
 from methods import Clock, MethodSet
+from models import num_patches
 from models.resize import at_input_size, input_size_of, set_input_size
 from parts import (build_criterion, build_model, check_model, check_recipe_batches, count_parameters,
                    with_batch_size)
@@ -250,7 +251,7 @@ def apply_recipe(r: Run, epoch: int) -> None:
         if r.model_ema is not None:
             set_input_size(r.model_ema.module, new.input_size)
         rewrap(r)
-        changed.append(f"input {new.input_size}px ({r.model.patch_embed.num_patches} patches)")
+        changed.append(f"input {new.input_size}px ({num_patches(r.model)} patches)")
     if changed:
         r.log.info(f"epoch {epoch + 1}: recipe now " + ", ".join(changed))
     r.settings = new
@@ -355,7 +356,7 @@ def end_epoch(r: Run, epoch: int, stats: Dict[str, Any], subset: Optional[list],
         val_ema = (evaluate(ema, r.val_loader, dev, r.amp_dtype, resize)
                    if ema is not None and cfg.model_ema_eval else None)
         val_extra = {}
-        patches = int(getattr(getattr(r.model, "patch_embed", None), "num_patches", 0) or 0)
+        patches = int(num_patches(r.model) or 0)
         for suffix, state in r.methods.eval_variants(patches, cfg.epochs, r.iters_per_epoch).items():
             undo = state.apply(model)
             try:

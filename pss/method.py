@@ -16,7 +16,7 @@ import numpy as np
 from torch import nn
 
 from methods import Clock, InferenceKnob, Method, MethodError, TokenSite, Variant, register_method
-from models import check_vit
+from models import check_vit, num_patches
 
 from .ops import SAMPLERS, apply_sampler, iter_samplers
 from .schedule import SCHEDULERS, PSSSchedule, ScheduleError, num_kept_patches
@@ -92,8 +92,7 @@ class PatchSamplingSchedule(Method):
 
     @property
     def num_patches(self) -> int:
-        pe = getattr(self.models[0], "patch_embed", None) if self.models else None
-        return int(getattr(pe, "num_patches", 0) or 0)
+        return int(num_patches(self.models[0]) or 0) if self.models else 0
 
     # --- the clock ------------------------------------------------------------------------------------------
     def on_epoch(self, clock: Clock) -> None:

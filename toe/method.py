@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 from torch import nn
 
 from methods import Clock, Method, MethodError, TokenSite, Variant, register_method
-from models import check_vit
+from models import check_vit, num_patches
 
 from .patch import DISTANCE_MODES, apply_toe, iter_toe
 from .schedule import DISTANCES, EXPANSIONS, INITS, MERGES, ScheduleError, ToESchedule
@@ -94,8 +94,7 @@ class ToE(Method):
     @property
     def num_patches(self) -> int:
         """Patch tokens of the trained model now (a curriculum may change its input size between epochs)."""
-        pe = getattr(self.models[0], "patch_embed", None) if self.models else None
-        return int(getattr(pe, "num_patches", 0) or 0)
+        return int(num_patches(self.models[0]) or 0) if self.models else 0
 
     # --- the clock ------------------------------------------------------------------------------------------
     def on_epoch(self, clock: Clock) -> None:

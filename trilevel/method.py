@@ -39,7 +39,7 @@ from torch import nn
 
 from files import first_line
 from methods import Clock, ExampleBatch, Method, MethodError, TokenSite, Variant, register_method
-from models import check_vit
+from models import check_vit, num_patches
 
 from .cost import ForwardCost, ViTDims, representative_states, stage_tokens
 from .examples import ExampleLevel, ExampleSelector, SwapResult, cls_attention_variance, swap_epochs
@@ -189,7 +189,7 @@ class TriLevel(Method):
     def patch(self, model: nn.Module) -> List[nn.Module]:
         if not self.patches:
             return []
-        check_vit(model, "trilevel")
+        patches = check_vit(model, "trilevel")
         # only the cls tie-break (no token or attention level): the masked blocks for the CLS attention, no pruning
         loc = list(self.section.pruning_loc) if self.sparse else []
         try:
@@ -207,7 +207,7 @@ class TriLevel(Method):
         state.keep_cls_attn = bool(self.level is not None and self.level.tie_break == "cls_var")
         self.depth = state.depth
         self.dims = ViTDims.of(model)
-        self._patched_patches = int(getattr(getattr(model, "patch_embed", None), "num_patches", 0) or 0)
+        self._patched_patches = patches
         return list(iter_prune_ops(model))
 
     @property
@@ -219,8 +219,7 @@ class TriLevel(Method):
 
     @property
     def num_patches(self) -> int:
-        pe = getattr(self.models[0], "patch_embed", None) if self.models else None
-        return int(getattr(pe, "num_patches", 0) or 0) or self._patched_patches
+        return int(num_patches(self.models[0]) or 0 if self.models else 0) or self._patched_patches
 
     # --- the clock ------------------------------------------------------------------------------------------
     def _set_ratios(self, r: float, a: float) -> None:
