@@ -70,17 +70,18 @@ def _prepared(model: nn.Module, cfg) -> nn.Module:
 
 
 def model_flops(cfg, num_classes: int, input_size: Optional[int] = None, images: Optional[int] = None,
-                world_size: int = 1) -> Dict[str, Any]:
+                world_size: int = 1, methods: Optional[MethodSet] = None) -> Dict[str, Any]:
     """fvcore and analytic forward FLOPs of ``cfg.model``: the plain model, and every state the active methods
     declare (combinations of several methods are their product, with the product of the shares).
 
     The models are built by :func:`models.create_model` exactly as for training. They are counted in eval mode with
     each method state applied (``Variant.apply`` turns the operators on in eval mode too): the same layers and
     token counts as a training forward, without its randomness (dropout, drop-path, LV-ViT's MixToken) or its tuple
-    outputs (distilled DeiT, LV-ViT). ``images`` per epoch sets the period of per-iteration schedules.
+    outputs (distilled DeiT, LV-ViT). ``images`` per epoch sets the period of per-iteration schedules. ``methods``:
+    the caller's :class:`MethodSet` of ``cfg`` (built here when not given).
     """
     size = int(input_size or cfg.input_size)
-    methods = MethodSet.from_config(cfg)
+    methods = MethodSet.from_config(cfg) if methods is None else methods
     plain = _prepared(create_model(cfg, num_classes, MethodSet([]), img_size=size), cfg)
     params = sum(p.numel() for p in plain.parameters())
     dims = vit_dims(plain)
@@ -156,10 +157,10 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
     torch.manual_seed(cfg.seed)
     kept_memory = keep_freed_memory() if keep_memory and dev.type == "cpu" else False
     autocast = autocast_for(dev, amp)                    # before the slow parts: a wrong --amp fails at once
+    methods = MethodSet.from_config(cfg)
     if flops is None:
         log("counting FLOPs (fvcore) ...")
-        flops = model_flops(cfg, num_classes, size)
-    methods = MethodSet.from_config(cfg)
+        flops = model_flops(cfg, num_classes, size, methods=methods)
     bench = TrainingBench(dev, amp, autocast, compile)
     plain = bench.add(create_model(cfg, num_classes, MethodSet([]), img_size=size))
     images = bench.random_batch(batch_size, input_channels(plain), size, num_classes, cfg.seed)
@@ -177,7 +178,7 @@ def benchmark_training(cfg, num_classes: int, batch_size: int = 32, steps: int =
         "process_peak_rss_mb": process_peak_rss_mb(), "variants": training_rows(timed, batch_size),
     }
     if inference:       # a fresh model: the states applied above force operators on in eval mode
-        fresh = create_model(cfg, num_classes, MethodSet.from_config(cfg), img_size=size).to(dev)
+        fresh = create_model(cfg, num_classes, methods, img_size=size).to(dev)
         result["inference"] = benchmark_inference(fresh, images, steps=steps, warmup=warmup, autocast=autocast,
                                                   compile=compile)
     return result

@@ -71,7 +71,8 @@ def plan(cfg, nproc: Optional[int] = None) -> Tuple[List[Dict[str, Any]], Dict[s
     totals: Dict[str, Any] = {"epochs": total, "nproc": nproc, "images_per_epoch": images,
                               "images_seen": images * total * fraction if images else None}
     try:
-        report = measure.model_flops(cfg, measure.num_classes_of(cfg), images=images, world_size=nproc)
+        report = measure.model_flops(cfg, measure.num_classes_of(cfg), images=images, world_size=nproc,
+                                     methods=methods)
         per_epoch = measure.epoch_flops(report, images)
         run_total = sum(per_epoch) + cfg.cooldown_epochs * per_epoch[-1]
         full_total = report["full"].fvcore.total * measure.FWD_BWD_FACTOR * images * total

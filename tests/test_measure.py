@@ -105,6 +105,21 @@ def test_schedule_training_flops_of_a_tiny_schedule():
     assert schedule_training_flops(plain, images=5)["total"] == pytest.approx(3 * 5 * 4 * plain["full"].fvcore.total)
 
 
+def test_one_method_set_per_measurement(monkeypatch):
+    """The FLOPs report, --plan and the benchmark build the config's MethodSet once and pass it on (the config's own
+    check of the combination is before)."""
+    import plan
+    from methods import MethodSet
+    cfg = tiny_cfg("--toe", "{}")
+    built, real = [], MethodSet.from_config.__func__
+    monkeypatch.setattr(MethodSet, "from_config", classmethod(lambda cls, c: built.append(c) or real(cls, c)))
+    rows, totals = plan.plan(cfg)
+    assert len(built) == 1 and totals["flops"] > 0
+    built.clear()
+    res = benchmark_training(cfg, 10, batch_size=2, steps=1, warmup=0, device="cpu")
+    assert len(built) == 1 and [v["name"] for v in res["variants"]][:2] == ["full tokens", "ToE stage 1"]
+
+
 def test_benchmark_reports_every_variant():
     cfg = tiny_cfg("--toe", "{}")
     flops = model_flops(cfg, 10)
