@@ -36,6 +36,7 @@ class Config:
     device: str = "auto"                       # auto | cpu | cuda
     num_workers: int = 10                      # data-loader worker processes per training process
     pin_memory: bool = True                    # pin loader memory (GPU only)
+    loader: str = "fast"                       # fast: workers hand over uint8 images, normalisation and erasing run on the device (same batches) | reference: normalised float images from the workers
     print_freq: int = 20                       # iterations between plain log lines (off a terminal)
     tensorboard: bool = True                   # also write TensorBoard scalars under output_dir/tensorboard
     log_every: int = 0                         # iterations between records of iterations.jsonl (loss, lr, grad norm, method state; 1: every one); 0: off
@@ -164,6 +165,7 @@ class Config:
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
+    "loader": ("reference", "fast"),
     "data_set": ("imagenet", "cifar10", "cifar100", "folder", "digits"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "best_on": ("model", "ema"),

@@ -34,6 +34,7 @@ from torchvision.datasets.folder import find_classes, has_file_allowed_extension
 
 from extensions import ExtensionSet
 from files import first_line
+from fast_loader import hand_over, loader_options
 
 
 class DatasetError(ValueError):
@@ -384,11 +385,12 @@ _EXIT_HOOK = False
 
 def _kill_leftover_workers() -> None:
     """At interpreter exit, before multiprocessing's own hook (which stops daemonic children with SIGTERM, which our
-    workers ignore, and then waits for them): kill loader workers an unfinished iterator left behind."""
+    workers ignore, and then waits for them): kill the daemonic children it would stop, the loader workers an
+    unfinished or persistent iterator left behind (a started Process no longer holds its target to tell them by)."""
     import multiprocessing
-    from torch.utils.data._utils.worker import _worker_loop
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)        # torch's handler would report the kill as a worker failure
     for p in multiprocessing.active_children():
-        if p.daemon and getattr(p, "_target", None) is _worker_loop:
+        if p.daemon:
             p.kill()
 
 
@@ -396,6 +398,7 @@ def _register_exit_hook() -> None:
     global _EXIT_HOOK
     if not _EXIT_HOOK:
         import atexit
+        import multiprocessing.util        # registers its hook now, so ours (registered after it) runs before it
         atexit.register(_kill_leftover_workers)
         _EXIT_HOOK = True
 
@@ -550,13 +553,17 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int, extensions=None) -
     index (:class:`WithIndex`), and the train sampler can be narrowed to a subset per epoch (``set_indices``) and
     started part-way (``set_start``, for a resumed epoch). Each training sample's augmentation is seeded by where it
     is drawn (:func:`sample_seed`: seed, epoch, rank, position), so it does not depend on the number of workers or
-    on the batches a resumed epoch skips. Workers ignore SIGINT/SIGTERM (the main process handles them).
+    on the batches a resumed epoch skips. Workers ignore SIGINT/SIGTERM (the main process handles them). What the
+    training workers hand over follows ``cfg.loader`` (:mod:`fast_loader`).
     """
     train_set, nb_classes = build_dataset(cfg, is_train=True, warn=rank == 0, extensions=extensions)
     val_set, _ = build_dataset(cfg, is_train=False, warn=rank == 0)
     skip = bool(getattr(cfg, "skip_bad_images", False))
     if skip:
         train_set, val_set = SkipBadImages(train_set), SkipBadImages(val_set)
+    if not hand_over(train_set, cfg.loader):
+        raise DatasetError(f"loader: fast found no ToTensor + Normalize at the end of the training transforms of "
+                           f"{cfg.data_set}; use loader: reference")
     train_set = WithIndex(train_set)
     # the published DeiT repeats only when distributed (one process: a plain random sampler); "always": here too
     repeat = cfg.repeated_aug and (world_size > 1 or getattr(cfg, "repeated_aug_single", "always") == "always")
@@ -570,13 +577,14 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int, extensions=None) -
                            f"of {world_size} process(es) gets per epoch from {cfg.data_path}; lower batch_size")
     if cfg.num_workers > 0:
         _register_exit_hook()
-    common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                  worker_init_fn=_worker_init if cfg.num_workers > 0 else None)
+    common = dict(num_workers=cfg.num_workers, worker_init_fn=_worker_init if cfg.num_workers > 0 else None)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
     train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=cfg.batch_size, drop_last=True,
-                              collate_fn=SkippingCollate(even=mixing) if skip else None, **common)
+                              collate_fn=SkippingCollate(even=mixing) if skip else None,
+                              **loader_options(cfg.loader, cfg.num_workers, cfg.pin_memory), **common)
     val_loader = DataLoader(val_set, sampler=ShardSampler(val_set, world_size, rank), batch_size=int(1.5 * cfg.batch_size),
                             drop_last=False, persistent_workers=cfg.num_workers > 0,
+                            pin_memory=cfg.pin_memory and torch.cuda.is_available(),
                             collate_fn=SkippingCollate() if skip else None, **common)
     return train_loader, val_loader, nb_classes
 

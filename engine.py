@@ -16,6 +16,7 @@ from timm.utils import AverageMeter
 
 from devices import autocast
 from distributed import all_reduce_sum
+from fast_loader import device_images
 from logger import RunLogger, Throughput, format_seconds
 from methods import Clock, ExampleBatch, MethodSet
 
@@ -116,7 +117,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
     if on_start is not None:
         on_start()
     optimizer.zero_grad(set_to_none=True)
-    stopped_at = None
+    stopped_at, finished = None, False
     t_data = time.perf_counter()
     try:
         for it, batch in enumerate(itertools.islice(batches, max(num_iters - start_step, 0)), start=start_step):
@@ -125,9 +126,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                 stopped_at = it + 1
                 break
             t_data = time.perf_counter()
-    finally:         # loader workers ignore SIGINT/SIGTERM: stop them here, also when the epoch ends early
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
+        finished = stopped_at is None
+    finally:         # loader workers ignore SIGINT/SIGTERM: stop them here when the run stops (persistent ones are
+        shutdown = getattr(batches, "_shutdown_workers", None)        # kept for the next epoch otherwise)
+        if shutdown is not None and not (finished and getattr(loader, "persistent_workers", False)):
             shutdown()
     return run.result(stopped_at)
 
@@ -194,7 +196,7 @@ class _Epoch:
         """Images and targets on the device, at the current input size, mixed; the class labels before mixing."""
         *data, indices = batch
         self.skipped += batch_size - len(indices)       # images left out (skip_bad_images)
-        images = data[0].to(self.device, non_blocking=True)
+        images = device_images(data[0], self.device)     # a fast loader's uint8 batch: normalised and erased here
         # (images, class), or (images, class, labels) from an extension's training set: the rest are the targets
         targets = to_device(data[1] if len(data) == 2 else tuple(data[1:]), self.device)
         labels = targets if torch.is_tensor(targets) else targets[0]

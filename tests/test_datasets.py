@@ -73,9 +73,13 @@ def write_cifar(root, hundred=False, n=8):
 
 
 def check_batches(loader, size, nb_classes, max_batches=2):
+    from fast_loader import device_images
     seen = 0
     for batch in loader:
         x, y = batch[:2]
+        if isinstance(x, dict):      # loader: fast (the default) hands over uint8 images, finished on the device
+            assert x["uint8"].dtype == torch.uint8
+            x = device_images(x, torch.device("cpu"))
         assert x.dtype == torch.float32 and x.shape[1:] == (3, size, size)
         assert x.shape[0] <= loader.batch_size and y.max() < nb_classes
         if len(batch) == 3:          # training batches end with the dataset indices of their samples
@@ -97,7 +101,7 @@ def test_folder_loaders(tmp_path, size):
     train.sampler.set_epoch(1)
     check_batches(train, size, n)
     check_batches(val, size, n)
-    assert train.dataset[0][0].shape == (3, size, size)
+    assert train.dataset[0][0]["uint8"].shape == (3, size, size)
 
 
 @pytest.mark.parametrize("hundred", [False, True])

@@ -1,0 +1,193 @@
+"""``loader: fast`` hands over uint8 images and finishes them on the device; its batches equal the ``reference``
+loader's, whole batches, with every augmentation of the DeiT, CIFAR fine-tune, EfficientTrain and LV-ViT token-label
+recipes on; an unreadable image is named or skipped as in ``reference``; a run stopped by SIGTERM resumes bit for bit.
+
+Both loaders are real DataLoaders from ``datasets.build_loaders`` on the table configs, at small image sizes."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from config import load_config  # noqa: E402
+from datasets import DatasetError, build_loaders  # noqa: E402
+from fast_loader import (ERASE_MODES, SeededErasing, device_images, draw_erasing, erase_batch,  # noqa: E402
+                         erase_per_sample, erasing_noise)
+
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def make_folder(root, classes=("ant", "bee", "cat"), per_class=4, size=(50, 38)):
+    """An ImageFolder tree (train/ and val/) of random-content JPEGs and one PNG of another size."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(per_class):
+                w, h = (size[0] + 7, size[1] - 5) if i == 0 else size
+                name = f"{i}.png" if i == 0 else f"{i}.jpg"
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, split, c, name))
+    return str(root)
+
+
+def loaders(path, *overrides, loader):
+    cfg = load_config(os.path.join(CONFIGS, path), [*overrides, "--num_workers", "0", "--pin_memory", "false",
+                                                    "--loader", loader])
+    return cfg, build_loaders(cfg, 0, 1, cfg.seed)[0]
+
+
+def same(a, b):
+    """Equal batches, element for element (tensors exactly, mappings key by key)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_batches_equal(path, *overrides, epoch=1, batches=2):
+    """The first ``batches`` of ``epoch`` from both loaders: the fast ones, finished on the device, equal the
+    reference ones; returns how many samples were erased (so a test can insist that erasing ran)."""
+    got = {}
+    for loader in ("reference", "fast"):
+        _, train = loaders(path, *overrides, loader=loader)
+        train.sampler.set_epoch(epoch)
+        got[loader] = [b for _, b in zip(range(batches), train)]
+    erased = 0
+    for ref, fast in zip(got["reference"], got["fast"]):
+        assert torch.is_tensor(ref[0]) and ref[0].dtype == torch.float32
+        assert fast[0]["uint8"].dtype == torch.uint8
+        erased += int((fast[0]["boxes"][:, :, 2] > 0).any(dim=1).sum())
+        images = device_images(fast[0], torch.device("cpu"))
+        assert images.dtype == torch.float32 and torch.equal(images, ref[0])
+        assert same(list(ref[1:]), list(fast[1:]))
+    return erased
+
+
+# ------------------------------------------------------------------------------------------------ the noise
+def test_noise_is_standard_normal_and_streams_differ():
+    keys = torch.tensor([[3], [4]], dtype=torch.int64)
+    z = erasing_noise(keys, torch.arange(100_000))
+    assert z.dtype == torch.float32 and torch.isfinite(z).all()
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+    assert abs(float(np.corrcoef(z[0].numpy(), z[1].numpy())[0, 1])) < 0.02
+    assert torch.equal(erasing_noise(keys[1], torch.arange(50, 60)), z[1, 50:60])      # any slice alone
+
+
+@pytest.mark.parametrize("mode", ERASE_MODES)
+def test_batch_erasing_equals_the_per_sample_code(mode):
+    """The GPU path (whole-batch kernels) computes the reference loader's numbers, checked here on the CPU."""
+    boxes = torch.tensor([[[2, 3, 5, 7], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]], [[10, 1, 6, 4], [9, 0, 3, 12]]],
+                         dtype=torch.int32)
+    seeds = torch.tensor([11, 0, 2 ** 32 - 1])
+    x = torch.randn(3, 3, 16, 12)
+    a, b = x.clone(), x.clone()
+    erase_per_sample(a, mode, boxes, seeds)
+    erase_batch(b, mode, boxes, seeds)
+    assert not torch.equal(a, x) and torch.equal(a[1], x[1])
+    assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_reference_erasing_draws_timms_boxes():
+    """SeededErasing erases where timm's RandomErasing would, with the same draws of Python's random."""
+    import random
+    from timm.data.random_erasing import RandomErasing
+    rer = RandomErasing(1.0, mode="const", max_count=3, device="cpu")
+    for seed in range(20):
+        random.seed(seed)
+        timm_img = rer(torch.ones(3, 24, 20))
+        random.seed(seed)
+        ours = SeededErasing(rer)(torch.ones(3, 24, 20))
+        assert torch.equal(timm_img, ours)
+        random.seed(seed)
+        boxes, noise_seed = draw_erasing(rer, 24, 20)
+        assert 1 <= len(boxes) <= 3 and 0 <= noise_seed < 2 ** 32
+
+
+# ------------------------------------------------------------------------------------------------ whole batches
+@pytest.mark.parametrize("remode,recount", [("pixel", 1), ("rand", 3), ("const", 2)])
+def test_deit_recipe_batches_equal(tmp_path, remode, recount):
+    """DeiT-S: random-resized crop, flip, RandAugment m9, erasing (every sample, to see it), repeated augmentation."""
+    tree = make_folder(tmp_path)
+    erased = assert_batches_equal("deit_s.yaml", "--data_set", "folder", "--data_path", tree, "--input_size", "48",
+                                  "--batch_size", "6", "--reprob", "1.0", "--remode", remode, "--recount", str(recount))
+    assert erased >= 10
+
+
+def test_cifar_finetune_recipe_batches_equal(tmp_path):
+    from tests.test_datasets import write_cifar
+    write_cifar(tmp_path)
+    assert_batches_equal("cifar10_finetune.yaml", "--data_path", str(tmp_path), "--batch_size", "4", "--reprob", "1.0",
+                         batches=1)
+
+
+def test_efficienttrain_phase_batches_equal(tmp_path):
+    """EfficientTrain's loader in a late phase: its own RandAugment magnitude (recipe.recipe_config)."""
+    import dataclasses
+    from methods import MethodSet
+    from recipe import recipe_config, settings_at
+    tree = make_folder(tmp_path)
+    over = ["--data_set", "folder", "--data_path", tree, "--batch_size", "4", "--reprob", "1.0"]          # at 224 px
+    cfg = load_config(os.path.join(CONFIGS, "deit_s_et.yaml"), over)
+    last = settings_at(cfg, MethodSet.from_config(cfg), cfg.total_epochs() - 1)
+    first = settings_at(cfg, MethodSet.from_config(cfg), 0)
+    assert first.aa != last.aa and last.aa
+    phase = recipe_config(dataclasses.replace(cfg, batch_size=4), last)
+    assert_batches_equal("deit_s_et.yaml", *over, "--aa", phase.aa, batches=1)
+
+
+@pytest.mark.parametrize("rand_augment", ["photometric", "published"])
+def test_lvvit_token_label_batches_equal(tmp_path, rand_augment):
+    """LV-ViT-S with token labels: the crop, flip and label maps are drawn by the token-label dataset (its own image
+    transforms); the label dictionaries come out equal too."""
+    import token_labels as tl
+    tree = make_folder(tmp_path / "img")
+    keys = sorted(os.path.relpath(os.path.join(b, f), os.path.join(tree, "train")).replace(os.sep, "/")
+                  for b, _, fs in os.walk(os.path.join(tree, "train")) for f in fs)
+    rng = np.random.default_rng(1)
+    w = tl.LabelStoreWriter(str(tmp_path / "labels"), keys, 2, 4, 4, 3)
+    w.write(list(range(len(keys))), rng.random((len(keys), 2, 4, 4)), rng.integers(0, 3, (len(keys), 2, 4, 4)))
+    erased = assert_batches_equal("lvvit_s.yaml", "--data_set", "folder", "--data_path", tree, "--input_size", "64",
+                                  "--token_label.data", str(tmp_path / "labels"), "--token_label.size", "4",
+                                  "--batch_size", "4", "--reprob", "1.0", "--token_label.rand_augment", rand_augment)
+    assert erased >= 4
+
+
+def test_fast_hands_over_a_quarter_of_the_bytes(tmp_path):
+    tree = make_folder(tmp_path)
+    sizes = {}
+    for loader in ("reference", "fast"):
+        _, train = loaders("deit_s.yaml", "--data_set", "folder", "--data_path", tree, "--input_size", "64",
+                           "--batch_size", "4", loader=loader)
+        images = next(iter(train))[0]
+        parts = images.values() if isinstance(images, dict) else [images]
+        sizes[loader] = sum(t.numel() * t.element_size() for t in parts)
+    assert 3.9 < sizes["reference"] / sizes["fast"] <= 4.0
+
+
+# ------------------------------------------------------------------------------------------------ bad images
+def test_unreadable_image_is_named_or_skipped(tmp_path):
+    tree = make_folder(tmp_path)
+    bad = os.path.join(tree, "train", "bee", "2.jpg")
+    with open(bad, "wb") as f:
+        f.write(b"not a jpeg")
+    over = ["--data_set", "folder", "--data_path", tree, "--input_size", "32", "--batch_size", "4",
+            "--repeated_aug", "false"]
+    _, train = loaders("deit_s.yaml", *over, loader="fast")
+    with pytest.raises(DatasetError, match=f"cannot read image {bad}"):
+        list(train)
+    _, train = loaders("deit_s.yaml", *over, "--skip_bad_images", "true", loader="fast")
+    seen = []
+    for images, _, indices in train:
+        assert images["uint8"].shape[0] == len(indices) == images["boxes"].shape[0]
+        seen += indices.tolist()
+    bad_index = [p for p, _ in train.dataset.samples].index(bad)
+    # 12 images in 3 batches of 4; the bad one's batch keeps 3, then 2 (mixup pairs the batch with its flip)
+    assert bad_index not in seen and len(seen) == 10 and len(set(seen)) == 10
