@@ -191,3 +191,29 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
     bad_index = [p for p, _ in train.dataset.samples].index(bad)
     # 12 images in 3 batches of 4; the bad one's batch keeps 3, then 2 (mixup pairs the batch with its flip)
     assert bad_index not in seen and len(seen) == 10 and len(set(seen)) == 10
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+def test_fast_run_equals_reference_and_resumes_bit_for_bit(digits, tmp_path):
+    """main.py with a worker, erasing, flips and RandAugment on: loader fast trains the weights loader reference
+    trains; stopped by SIGTERM inside epoch 2 and resumed (persistent workers), it ends with the same weights and log."""
+    import shutil
+    from tests.runs import TOE_TWO_STAGES, assert_same_weights, read_log
+    from tests.test_resume_fields import main_py, stopper, without_timings
+    flags = ["--epochs", "2", "--num_workers", "1", "--reprob", "0.5", "--hflip", "0.5", "--aa", "rand-m9-mstd0.5-inc1",
+             "--methods", "[toe]", *TOE_TWO_STAGES]
+    runs = {}
+    for name, extra, script in (("reference", ["--loader", "reference"], None), ("fast", [], None),
+                                ("stopped", [], stopper(tmp_path, 1, 4))):
+        runs[name] = res = main_py(digits, tmp_path / name, *flags, *extra, script=script)
+        assert res.returncode == (3 if name == "stopped" else 0), res.stderr[-3000:]
+    assert "stopped by SIGTERM at epoch 2/2" in runs["stopped"].stderr
+    assert "loader fast x 1 workers" in runs["fast"].stdout + runs["fast"].stderr
+    assert "loader reference x 1 workers" in runs["reference"].stdout + runs["reference"].stderr
+    assert_same_weights(tmp_path / "reference", tmp_path / "fast")
+    assert without_timings(read_log(tmp_path / "reference")) == without_timings(read_log(tmp_path / "fast"))
+    shutil.copytree(tmp_path / "stopped", tmp_path / "resumed")
+    res = main_py(digits, tmp_path / "resumed", *flags, "--resume", "auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_weights(tmp_path / "fast", tmp_path / "resumed")
+    assert without_timings(read_log(tmp_path / "fast")) == without_timings(read_log(tmp_path / "resumed"))
