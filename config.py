@@ -36,7 +36,7 @@ class Config:
     device: str = "auto"                       # auto | cpu | cuda
     num_workers: int = 10                      # data-loader worker processes per training process
     pin_memory: bool = True                    # pin loader memory (GPU only)
-    loader: str = "fast"                       # fast: workers hand over uint8 images, normalisation and erasing run on the device (same batches) | reference: normalised float images from the workers
+    loader: str = "fast"                       # fast: workers hand over uint8 images, normalisation and erasing run on the device (same batches) | reference: normalised float images from the workers | dali: NVIDIA DALI decodes and augments on the GPU (optional: pip install -r requirements-dali.txt; other pixels: docs/measuring.md)
     print_freq: int = 20                       # iterations between plain log lines (off a terminal)
     tensorboard: bool = True                   # also write TensorBoard scalars under output_dir/tensorboard
     log_every: int = 0                         # iterations between records of iterations.jsonl (loss, lr, grad norm, method state; 1: every one); 0: off
@@ -165,7 +165,7 @@ class Config:
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
-    "loader": ("reference", "fast"),
+    "loader": ("reference", "fast", "dali"),
     "data_set": ("imagenet", "cifar10", "cifar100", "folder", "digits"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "best_on": ("model", "ema"),
@@ -362,7 +362,17 @@ def validate(cfg: Config) -> Config:
     _check_extensions(cfg)
     reproduced_rows(cfg.reproduces)
     _check_methods(cfg)
+    _check_loader(cfg)
     return cfg
+
+
+def _check_loader(cfg: Config) -> None:
+    """``loader: dali``: DALI installed, and a recipe its pipeline runs (one line saying what to change)."""
+    if cfg.loader == "dali":
+        from dali_loader import config_problem
+        problem = config_problem(cfg)
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 def _check_ranges(cfg: Config) -> None:

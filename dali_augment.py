@@ -1,4 +1,4 @@
-"""The recipe's RandAugment and random erasing for ``loader: dali`` (:mod:`dali_loader`), read from timm's objects.
+"""The recipe's RandAugment for ``loader: dali`` (:mod:`dali_loader`), read from timm's objects.
 
 RandAugment: timm parses the recipe's ``aa`` string (``rand-m9-mstd0.5-inc1``: n ops per image, magnitude m of 10,
 magnitude noise, the increasing op set); :func:`rand_augment_plan` reads the ops timm built and maps each to a DALI
@@ -6,16 +6,13 @@ augmentation whose magnitude table is timm's own level-to-argument rule, at 0.1 
 ``m9`` is bin 90 and the magnitude noise is drawn per op as in timm. :func:`apply_rand_augment` then follows timm's
 ``RandAugment``: per layer one op drawn uniformly, applied with timm's probability (0.5), its sign drawn per sample.
 
-Random erasing: the boxes are drawn in Python from each sample's own seed with timm's ``RandomErasing`` settings and
-draw order (:func:`erasing_boxes`); DALI fills them with noise (:func:`erase`).
 This module imports DALI only inside its functions, so it imports without it.
 """
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 
@@ -177,7 +174,6 @@ def apply_rand_augment(images, plan: RandAugmentPlan, size: int, fill: int, inte
     return images
 
 
-# ------------------------------------------------------------------------------------------------ random erasing
 def erasing(cfg):
     """timm's ``RandomErasing`` of the recipe (its settings, not its tensors), or ``None`` when erasing is off."""
     if not cfg.reprob:
@@ -186,39 +182,4 @@ def erasing(cfg):
     return RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device="cpu")
 
 
-def erasing_boxes(rer, size: int, seed: int, max_boxes: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The boxes timm's ``RandomErasing._erase`` would draw on a ``size`` x ``size`` image, from ``seed``: anchors
-    (top, left) and shapes (h, w), padded with empty boxes to ``max_boxes`` (DALI wants one count per batch)."""
-    rng = random.Random(seed)
-    boxes = []
-    if rng.random() <= rer.probability:
-        count = rer.min_count if rer.min_count == rer.max_count else rng.randint(rer.min_count, rer.max_count)
-        for _ in range(count):
-            for _attempt in range(10):
-                target = rng.uniform(rer.min_area, rer.max_area) * size * size / count
-                aspect = math.exp(rng.uniform(*rer.log_aspect_ratio))
-                h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-                if w < size and h < size:
-                    boxes.append((rng.randint(0, size - h), rng.randint(0, size - w), h, w))
-                    break
-    boxes += [(0, 0, 0, 0)] * (max_boxes - len(boxes))
-    arr = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-    return arr[:, :2].reshape(-1).copy(), arr[:, 2:].reshape(-1).copy()
-
-
-def erase(images, rer, anchors, shapes):
-    """Fill the boxes of normalised float CHW images with timm's noise: per pixel, per channel or zeros."""
-    from nvidia.dali import fn
-    ones = images * 0.0 + 1.0
-    keep = fn.erase(ones, anchor=anchors, shape=shapes, axis_names="HW", fill_value=0.0)
-    if rer.per_pixel:
-        noise = fn.random.normal(images)
-    elif rer.rand_color:
-        noise = fn.random.normal(images, shape=[3, 1, 1])
-    else:
-        return images * keep
-    return images * keep + noise * (1.0 - keep)
-
-
-__all__ = ["AugmentError", "RandAugmentPlan", "rand_augment_plan", "apply_rand_augment", "erasing", "erasing_boxes",
-           "erase", "TIMM_TO_DALI"]
+__all__ = ["AugmentError", "RandAugmentPlan", "rand_augment_plan", "apply_rand_augment", "erasing", "TIMM_TO_DALI"]

@@ -1,6 +1,6 @@
 """``loader: dali``: the training images decoded and augmented by NVIDIA DALI, on the GPU where there is one.
 
-For nodes whose CPU cores cannot feed the GPUs (docs/loader.md). The training loader keeps everything but the pixels
+For nodes whose CPU cores cannot feed the GPUs (docs/measuring.md, "loader: dali"). The training loader keeps everything but the pixels
 of the reference loader: the same ImageFolder file list and class indices, the same training sampler (sharded per
 rank, repeated augmentation, the methods' example subsets through ``sampler.set_indices``, a resumed epoch's
 ``set_start``), the same batches of dataset indices, and the reference validation loader. Per batch it hands over
@@ -9,12 +9,12 @@ GPU with a GPU); mixup/cutmix stay in the engine.
 
 The pipeline: ``fn.decoders.image_random_crop`` (device ``mixed``: nvJPEG / the hardware JPEG decoder; ``cpu``
 without a GPU) with the recipe's crop scale and aspect range, resize to ``input_size``, flip, the recipe's
-RandAugment (:mod:`dali_augment`) or colour jitter, normalisation, random erasing. Inputs of 32 px and less take
-DeiT's small-image path instead (resize, pad 4, random crop). DALI cannot reproduce PIL's pixels; what differs is
-in docs/loader.md. DALI draws its own random numbers from a pipeline seed made of the run seed, epoch, rank and
-start position, so the same run gives the same batches, but a resumed epoch draws other augmentations than the
-uninterrupted one did (the erasing boxes are drawn per sample from :func:`datasets.sample_seed`, as in the
-reference loader). DALI is optional: nothing here imports it until a pipeline is built.
+RandAugment (:mod:`dali_augment`) or colour jitter, normalisation. Inputs of 32 px and less take DeiT's small-image
+path instead (resize, pad 4, random crop). Random erasing is the ``fast`` loader's, on the device: the same boxes
+and noise from each sample's seed (:mod:`fast_loader`). DALI cannot reproduce PIL's pixels; what differs is in
+docs/measuring.md. DALI draws its own random numbers from a pipeline seed made of the run seed, epoch, rank and start
+position, so the same run gives the same batches, but a resumed epoch draws other crops, flips and RandAugment ops
+than the uninterrupted one did. DALI is optional: nothing here imports it until a pipeline is built.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import dali_augment as aug
-from datasets import DatasetError, build_loaders, load_rgb, sample_seed
+from extensions import ExtensionSet
+from datasets import DatasetError, build_loaders, load_rgb, sample_seed, seeded
+from fast_loader import draw_erasing, erase_batch, erase_per_sample
 
 INSTALL = "loader: dali needs NVIDIA DALI, which is not installed: pip install -r requirements-dali.txt"
 FILE_SETS = ("imagenet", "folder", "digits")       # the data sets read as image files (cifar comes as arrays)
@@ -127,21 +129,17 @@ def _augment(spec: Spec, images):
 
 
 def define_pipeline(spec: Spec, source, batch_size: int, num_threads: int, seed: int):
-    """The DALI pipeline: ``source()`` gives per batch the encoded files, classes, indices and erasing boxes."""
+    """The DALI pipeline: ``source()`` gives per batch the encoded files, classes and dataset indices."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_conditionals=True)
     def train_pipeline():
-        erasing = spec.erasing is not None
-        encoded, labels, indices, *boxes = fn.external_source(
-            source=source, num_outputs=5 if erasing else 3, batch=True,
-            dtype=[types.UINT8, types.INT64, types.INT64] + [types.FLOAT, types.FLOAT] * erasing)
+        encoded, labels, indices = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                      dtype=[types.UINT8, types.INT64, types.INT64])
         images = _augment(spec, _decode_and_crop(spec, encoded))
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                           mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
                                           std=[255 * s for s in IMAGENET_DEFAULT_STD])
-        if erasing:
-            images = aug.erase(images, spec.erasing, *boxes)
         return images, labels, indices
 
     return train_pipeline(batch_size=batch_size, num_threads=num_threads, seed=seed,
@@ -151,9 +149,10 @@ def define_pipeline(spec: Spec, source, batch_size: int, num_threads: int, seed:
 
 # ------------------------------------------------------------------------------------------------ the loader
 class _Feed:
-    """The pipeline's external source: the sampler's next batch as encoded files, classes, indices and boxes, for
-    the pass's ``batches`` batches, then the end of the pass. It remembers the files of the batches handed over but
-    not yet out of the pipeline (to name a broken one)."""
+    """The pipeline's external source: the sampler's next batch as encoded files, classes and indices, for the
+    pass's ``batches`` batches, then the end of the pass. Per batch in the pipeline it keeps the files (to name a
+    broken one) and the erasing boxes and noise seeds, drawn here from each sample's seed as the ``fast`` loader's
+    workers draw them (:func:`fast_loader.draw_erasing`), for the erasing on the device."""
 
     def __init__(self, loader: "DaliTrainLoader"):
         self.loader, self.keyed, self.left, self.in_flight = loader, iter(()), 0, collections.deque()
@@ -168,15 +167,25 @@ class _Feed:
         self.left -= 1
         keys = [next(self.keyed) for _ in range(self.loader.batch_size)]
         paths = [self.loader.samples[i][0] for i, _ in keys]
-        self.in_flight.append(paths)
+        self.in_flight.append((paths, self.erasing([seed for _, seed in keys])))
         encoded = [np.fromfile(p, dtype=np.uint8) for p in paths]
         labels = [np.array(self.loader.samples[i][1], dtype=np.int64) for i, _ in keys]
         indices = [np.array(i, dtype=np.int64) for i, _ in keys]
+        return encoded, labels, indices
+
+    def erasing(self, seeds: List[int]):
+        """``(boxes, noise seeds)`` of a batch, boxes ``(batch, max boxes, 4)`` as the fast loader hands them over."""
         spec = self.loader.spec
         if spec.erasing is None:
-            return encoded, labels, indices
-        boxes = [aug.erasing_boxes(spec.erasing, spec.size, s, spec.max_boxes) for _, s in keys]
-        return encoded, labels, indices, [b[0] for b in boxes], [b[1] for b in boxes]
+            return None
+        boxes = torch.zeros((len(seeds), spec.max_boxes, 4), dtype=torch.int32)
+        noise = torch.zeros(len(seeds), dtype=torch.int64)
+        for k, seed in enumerate(seeds):
+            with seeded(seed):
+                drawn, noise[k] = draw_erasing(spec.erasing, spec.size, spec.size)
+            if drawn:
+                boxes[k, :len(drawn)] = torch.tensor(drawn, dtype=torch.int32)
+        return boxes, noise
 
 
 class DaliTrainLoader:
@@ -217,17 +226,23 @@ class DaliTrainLoader:
 
     def __iter__(self):
         from nvidia.dali.plugin.pytorch import feed_ndarray
-        batches, self.finished = len(self), False
+        batches = len(self)
         self._start_pass(batches)
+        self.finished = False
         device = torch.device("cuda", torch.cuda.current_device()) if self.spec.gpu else torch.device("cpu")
         for k in range(batches):
             with _named_errors(self.feed):
                 images, labels, indices = self.pipe.run()
-            self.feed.in_flight.popleft()
+            _, erasing = self.feed.in_flight.popleft()
             self.finished = k + 1 == batches
             dense = images.as_tensor()
             out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
+            # an asynchronous copy on the training stream; DALI reuses its buffer two runs later, after the
+            # training step's own sync (engine: loss.item()) has waited for it
             feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream() if self.spec.gpu else None)
+            if erasing is not None:                     # the fast loader's erasing: same boxes, same noise
+                erase = erase_batch if self.spec.gpu else erase_per_sample
+                erase(out, self.spec.erasing.mode or "const", *erasing)
             yield out, torch.from_numpy(np.array(labels.as_tensor())), torch.from_numpy(np.array(indices.as_tensor()))
 
 
@@ -244,11 +259,11 @@ class _named_errors:
     def __exit__(self, kind, err, tb):
         if kind is None or not issubclass(kind, RuntimeError) or isinstance(err, DatasetError):
             return False
-        for paths in self.feed.in_flight:
+        for paths, _ in self.feed.in_flight:
             for path in paths:
                 load_rgb(path)                              # raises DatasetError naming the file
         reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        first = self.feed.in_flight[0][0] if self.feed.in_flight else "(no file in flight)"
+        first = self.feed.in_flight[0][0][0] if self.feed.in_flight else "(no file in flight)"
         raise DatasetError(f"DALI could not process a batch starting with {first}: {reason}") from None
 
 
@@ -258,14 +273,14 @@ def build_dali_loaders(cfg, rank: int, world_size: int, seed: int, extensions=No
     problem = config_problem(cfg)
     if problem is not None:
         raise DatasetError(problem)
-    if extensions is not None and len(extensions):
-        raise DatasetError(f"loader: dali hands over (images, class) batches; the sections {', '.join(extensions.names())} "
-                           f"change the training set: use loader: fast")
+    extensions = extensions if extensions is not None else ExtensionSet.from_config(cfg)
+    if len(extensions):
+        raise DatasetError(f"loader: dali hands over (images, class) batches; {', '.join(extensions.names())} "
+                           f"change(s) the training set: use loader: fast")
     reference, val_loader, nb_classes = build_loaders(dataclasses.replace(cfg, loader="reference"), rank, world_size,
                                                       seed, extensions=extensions)
     spec = Spec.from_config(cfg)
     return DaliTrainLoader(reference, spec, max(1, cfg.num_workers), seed, rank), val_loader, nb_classes
-
 
 
 __all__ = ["DaliTrainLoader", "Spec", "build_dali_loaders", "config_problem", "dali_installed", "INSTALL"]

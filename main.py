@@ -45,13 +45,14 @@ import checkpoint as ckpt_io
 from checkpoint import ResumeState, RunDirError
 from config import Config, ConfigError, load_config
 from config_help import help_text
-from datasets import build_loaders, check_num_classes
+from datasets import check_num_classes
 from devices import loss_scaler, resolve_amp
 from distributed import (DistInfo, any_rank, barrier, cleanup, gather_to_all, init_distributed, rng_state, seed_all,
                          set_rng_state)
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from exits import (CONFIG_ERRORS, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_STOPPED, RUN_ERRORS, Abort, PeerStopped,
                    StopSignals, Stopped, one_line, peer_failure)
+from loaders import build_loaders
 from logger import LogWriteError, RunLogger, format_seconds, read_log, run_totals
 from extensions import ExtensionSet
 from methods import Clock, MethodSet
