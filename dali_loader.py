@@ -34,6 +34,7 @@ from datasets import DatasetError, build_loaders, load_rgb, sample_seed, seeded
 from fast_loader import draw_erasing, erase_batch, erase_per_sample
 
 INSTALL = "loader: dali needs NVIDIA DALI, which is not installed: pip install -r requirements-dali.txt"
+PREFETCH = 2                                       # batches DALI prepares ahead
 FILE_SETS = ("imagenet", "folder", "digits")       # the data sets read as image files (cifar comes as arrays)
 
 
@@ -144,7 +145,7 @@ def define_pipeline(spec: Spec, source, batch_size: int, num_threads: int, seed:
 
     return train_pipeline(batch_size=batch_size, num_threads=num_threads, seed=seed,
                           device_id=torch.cuda.current_device() if spec.gpu else None,
-                          prefetch_queue_depth=2, exec_dynamic=True)
+                          prefetch_queue_depth=PREFETCH, exec_dynamic=True)
 
 
 # ------------------------------------------------------------------------------------------------ the loader
@@ -192,15 +193,14 @@ class DaliTrainLoader:
     """The training loader of ``loader: dali``: what the trainer reads of a DataLoader (``sampler``, ``dataset``,
     ``batch_size``, ``len``, iteration) over one DALI pipeline.
 
-    The pipeline is defined once (defining RandAugment's graph takes seconds) and reset between passes; a pass the
-    trainer left early (a stop, ``epoch_updates: images``) leaves batches queued in it, so the next pass defines a
-    new one, seeded from where that pass starts (:meth:`pipeline_seed`)."""
+    The pipeline is defined once (defining RandAugment's graph takes seconds), seeded from where its first pass
+    starts (:meth:`pipeline_seed`), and reset between passes; its generators run on from pass to pass."""
 
     def __init__(self, reference, spec: Spec, num_threads: int, seed: int, rank: int):
         self.sampler, self.dataset, self.batch_size = reference.sampler, reference.dataset, reference.batch_size
         self.samples: List[Tuple[str, int]] = list(self.dataset.samples)
         self.spec, self.num_threads, self.seed, self.rank = spec, num_threads, seed, rank
-        self.feed, self.pipe, self.finished = _Feed(self), None, False
+        self.feed, self.pipe = _Feed(self), None
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size                       # drop_last, as the reference loader
@@ -209,15 +209,20 @@ class DaliTrainLoader:
         return sample_seed(self.seed, self.sampler.epoch, self.rank, self.sampler.start) % (2 ** 31 - 1)
 
     def _start_pass(self, batches: int) -> None:
-        """A pipeline at the start of a pass of ``batches`` batches: the last one reset, or a new one."""
+        """A pipeline at the start of a pass of ``batches`` batches: the last one, run to the end of its pass (the
+        batches it already has in its queue, none more) and reset; a new one when there is none or it failed."""
         feed = self.feed
-        if self.pipe is not None and self.finished:
+        if self.pipe is not None:
+            feed.left = 0
             try:
-                self.pipe.run()                 # the end of the last pass (the trainer stops at len(), not past it)
+                for _ in range(PREFETCH + 1):
+                    self.pipe.run()
             except StopIteration:
                 feed.start(iter(self.sampler), batches)
                 self.pipe.reset()
                 return
+            except Exception:  # noqa: BLE001 -- a pipeline that failed is replaced, not reused
+                pass
         self.pipe = None
         feed.start(iter(self.sampler), batches)
         with _named_errors(feed):
@@ -228,16 +233,14 @@ class DaliTrainLoader:
         from nvidia.dali.plugin.pytorch import feed_ndarray
         batches = len(self)
         self._start_pass(batches)
-        self.finished = False
         device = torch.device("cuda", torch.cuda.current_device()) if self.spec.gpu else torch.device("cpu")
-        for k in range(batches):
+        for _ in range(batches):
             with _named_errors(self.feed):
                 images, labels, indices = self.pipe.run()
             _, erasing = self.feed.in_flight.popleft()
-            self.finished = k + 1 == batches
             dense = images.as_tensor()
             out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
-            # an asynchronous copy on the training stream; DALI reuses its buffer two runs later, after the
+            # an asynchronous copy on the training stream; DALI reuses its buffer PREFETCH runs later, after the
             # training step's own sync (engine: loss.item()) has waited for it
             feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream() if self.spec.gpu else None)
             if erasing is not None:                     # the fast loader's erasing: same boxes, same noise
