@@ -1,8 +1,8 @@
 """What the training loader's workers hand over (the ``loader:`` key), and the step that finishes it on the device.
 
 ``reference``: the workers run the whole recipe and hand over normalised float32 images (602 KB a 224 px sample).
-``fast`` (the default): the workers stop at the uint8 pixels (150 KB) and hand over, per sample, the random-erasing
-boxes and a noise seed; :func:`device_images` converts, normalises and erases on the device in the training loop,
+``fast`` (the default): the workers stop at the uint8 pixels (150 KB, height x width x channels as decoded, so the
+collate copies them without transposing) and hand over, per sample, the random-erasing boxes and a noise seed; :func:`device_images` converts, normalises and erases on the device in the training loop,
 as timm's prefetch loader does. Pinned memory, non-blocking copies, persistent workers and a prefetch factor come
 with it (:func:`loader_options`).
 
@@ -19,9 +19,9 @@ import math
 import random
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torchvision import transforms
-from torchvision.transforms import functional as TF
 
 LOADERS = ("reference", "fast")
 ERASE_MODES = ("const", "rand", "pixel")   # timm's RandomErasing modes, in the order of the handed-over mode index
@@ -113,7 +113,7 @@ class SeededErasing:
 
 # ------------------------------------------------------------------------------------------------ the hand-over
 class Uint8HandOver:
-    """The ``fast`` loader's last transform (in place of ToTensor, Normalize and RandomErasing): the uint8 CHW pixels,
+    """The ``fast`` loader's last transform (in place of ToTensor, Normalize and RandomErasing): the uint8 HWC pixels,
     the erasing boxes drawn here (padded to the recipe's box count with empty ones) and their noise seed, and what
     the device step needs to finish the sample (normalisation and erasing mode)."""
 
@@ -125,8 +125,10 @@ class Uint8HandOver:
         self.mode = ERASE_MODES.index(rer.mode or "const") if rer is not None else 0
 
     def __call__(self, img) -> Dict[str, torch.Tensor]:
-        pixels = TF.pil_to_tensor(img)
-        boxes, noise_seed = draw_erasing(self.rer, pixels.shape[-2], pixels.shape[-1]) if self.rer else ([], 0)
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))      # H x W x C, as PIL holds it
+        if pixels.ndim != 3:
+            raise ValueError(f"loader: fast hands over RGB images; got a {img.mode} image of {img.size}")
+        boxes, noise_seed = draw_erasing(self.rer, pixels.shape[0], pixels.shape[1]) if self.rer else ([], 0)
         padded = torch.zeros((self.max_boxes, 4), dtype=torch.int32)
         if boxes:
             padded[:len(boxes)] = torch.tensor(boxes, dtype=torch.int32)
@@ -153,7 +155,7 @@ def _is_erasing(op) -> bool:
     return isinstance(op, RandomErasing)
 
 
-def _image_transforms(dataset) -> list:
+def image_transforms(dataset) -> list:
     """The image transforms of a training set and the sets it wraps: a torchvision dataset's ``transform``, a set
     with its own image pipeline's ``image_transform`` (token labeling)."""
     found, seen = [], set()
@@ -171,7 +173,7 @@ def hand_over(dataset, loader: str) -> bool:
     """Make ``dataset``'s training transforms hand over what ``loader`` moves (in place): ``fast`` swaps their
     ToTensor, Normalize and erasing for :class:`Uint8HandOver`, ``reference`` their erasing for
     :class:`SeededErasing`. False when a ``fast`` set has no such tail to hand over."""
-    pipelines = [t for t in _image_transforms(dataset) if _tensor_tail(t) is not None]
+    pipelines = [t for t in image_transforms(dataset) if _tensor_tail(t) is not None]
     for t in pipelines:
         k = _tensor_tail(t)
         rer = t.transforms[k + 2] if len(t.transforms) > k + 2 else None
@@ -198,7 +200,8 @@ def device_images(images, device: torch.device) -> torch.Tensor:
     copied as uint8, converted and normalised as ToTensor and Normalize do, and erased."""
     if torch.is_tensor(images):
         return images.to(device, non_blocking=True)
-    x = images["uint8"].to(device, non_blocking=True).to(torch.float32).div(255)
+    pixels = images["uint8"].to(device, non_blocking=True).permute(0, 3, 1, 2)              # N x C x H x W
+    x = pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
     mean = images["mean"][0].to(device, non_blocking=True).view(1, -1, 1, 1)
     std = images["std"][0].to(device, non_blocking=True).view(1, -1, 1, 1)
     x = x.sub_(mean).div_(std)
@@ -241,5 +244,5 @@ def erase_batch(x: torch.Tensor, mode: str, boxes: torch.Tensor, noise_seeds: to
         x[index] = torch.where(inside, fill, x[index])
 
 
-__all__ = ["LOADERS", "PREFETCH_FACTOR", "SeededErasing", "Uint8HandOver", "device_images", "draw_erasing",
+__all__ = ["LOADERS", "PREFETCH_FACTOR", "SeededErasing", "Uint8HandOver", "device_images", "draw_erasing", "image_transforms",
            "erasing_noise", "hand_over", "loader_options"]

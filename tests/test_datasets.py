@@ -101,7 +101,7 @@ def test_folder_loaders(tmp_path, size):
     train.sampler.set_epoch(1)
     check_batches(train, size, n)
     check_batches(val, size, n)
-    assert train.dataset[0][0]["uint8"].shape == (3, size, size)
+    assert train.dataset[0][0]["uint8"].shape == (size, size, 3)
 
 
 @pytest.mark.parametrize("hundred", [False, True])
