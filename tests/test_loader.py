@@ -217,3 +217,33 @@ def test_fast_run_equals_reference_and_resumes_bit_for_bit(digits, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_weights(tmp_path / "fast", tmp_path / "resumed")
     assert without_timings(read_log(tmp_path / "fast")) == without_timings(read_log(tmp_path / "resumed"))
+
+
+def test_loader_benchmark_reports_every_setting_and_the_verdict(tmp_path, capsys):
+    """scripts/loader_benchmark.py on generated JPEGs: the JSON holds per setting its images/s (in all and per worker),
+    step times and bytes per sample, and cores per accelerator = the model's rate / one worker's images/s."""
+    import json
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import loader_benchmark
+    out = tmp_path / "loader.json"
+    code = loader_benchmark.main(["--config", os.path.join(CONFIGS, "deit_s_toe.yaml"), "--make_images", "24",
+                                  "--batch_size", "4", "--input_size", "64", "--batches", "2", "--rounds", "2",
+                                  "--num_workers", "0", "1", "--step_samples", "3", "--settings", "reference", "fast",
+                                  "--model_images_per_s", "1000", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    for name in ("reference", "fast"):
+        r = result[name]
+        assert r["images_per_s"] > 0 and r["images_per_s_per_worker"] == r["by_num_workers"]["1"]["images_per_s"]
+        assert len(r["by_num_workers"]["0"]["rounds"]) == 2 and "decode" in r["step_ms"]
+    assert "RandAugment" in result["reference"]["step_ms"] and "Uint8HandOver" in result["fast"]["step_ms"]
+    assert result["reference"]["bytes_per_sample"] == 3 * 64 * 64 * 4 + 16              # float images, class, index
+    assert 3.9 < result["fast_vs_reference"]["bytes_per_sample"] <= 4.0
+    states = result["verdict"]
+    assert [s["name"] for s in states][0] == "full tokens" and len(states) == 3           # ToE's two stages
+    for s in states:
+        for name in ("reference", "fast"):
+            assert s["cores_per_accelerator"][name] == pytest.approx(
+                s["images_per_s"] / result[name]["images_per_s_per_worker"])
+    assert states[1]["images_per_s"] > states[0]["images_per_s"] == 1000
+    assert "cores fast" in capsys.readouterr().out
