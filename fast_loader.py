@@ -2,19 +2,21 @@
 
 ``reference``: the workers run the whole recipe and hand over normalised float32 images (602 KB a 224 px sample).
 ``fast`` (the default): the workers stop at the uint8 pixels (150 KB, height x width x channels as decoded, so the
-collate copies them without transposing) and hand over, per sample, the random-erasing boxes and a noise seed; :func:`device_images` converts, normalises and erases on the device in the training loop,
-as timm's prefetch loader does. Pinned memory, non-blocking copies, persistent workers and a prefetch factor come
-with it (:func:`loader_options`).
+collate copies them without transposing) and hand over, per sample, the random-erasing boxes and a noise seed;
+:func:`device_images` converts, normalises and erases on the device in the training loop, as timm's prefetch loader
+does. Pinned memory, non-blocking copies, persistent workers and a prefetch factor come with it
+(:func:`loader_options`).
 
 Every random parameter is still drawn in the worker from the sample's own seed (``datasets.seeded``): the crop, flip
 and RandAugment ops by the unchanged transforms, the erasing boxes by :func:`draw_erasing` with timm's draws in
 timm's order. The erasing noise is not drawn from a global generator in either loader: both compute it from the
-sample's noise seed with :func:`erasing_noise`, a counter-based generator that gives the same numbers on any device
-and in any batch layout. A ``fast`` batch therefore equals the ``reference`` batch of the same seeds, up to the last
-bit of ``log``/``cos`` on another device (tests/test_loader.py).
+sample's noise seed with :func:`erasing_noise`, a counter-based generator (integer hashing and a table of normal
+quantiles) that gives the same numbers on any device and in any batch layout. A ``fast`` batch therefore equals the
+``reference`` batch of the same seeds (tests/test_loader.py; on a GPU, within the rounding of its float division).
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Dict, List, Optional, Tuple
@@ -30,30 +32,47 @@ ERASE_MODES = ("const", "rand", "pixel")   # timm's RandomErasing modes, in the 
 PREFETCH_FACTOR = 4
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
+_NOISE_BITS = 16
 
 
 # ------------------------------------------------------------------------------------------------ erasing noise
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """The PCG hash (Jarzynski and Olano 2020) of 32-bit values held in int64: no product leaves 63 bits, so the
-    integer results are the same on every device."""
-    state = ((x & _M32) * 747796405 + 2891336453) & _M32
+def _hash32(x):
+    """The PCG hash (Jarzynski and Olano 2020) of values in [0, 2^32), Python ints or int64 tensors: no product
+    leaves 63 bits, so the integer results are the same on every device."""
+    state = (x * 747796405 + 2891336453) & _M32
     word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & _M32
-    return ((word >> 22) ^ word) & _M32
+    return (word >> 22) ^ word
 
 
-def _box_keys(noise_seeds: torch.Tensor, box: int) -> torch.Tensor:
-    """One key per erasing box: box ``box`` of a sample whose noise seed is ``noise_seeds``."""
-    return _hash32(noise_seeds + box * _GOLDEN)
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_hash32` of an int64 tensor, mostly in place (the noise of a box is one such tensor)."""
+    x.mul_(747796405).add_(2891336453).bitwise_and_(_M32)
+    word = x >> ((x >> 28).add_(4))
+    word.bitwise_xor_(x).mul_(277803737).bitwise_and_(_M32)
+    return word.bitwise_xor_(word >> 22)
+
+
+def _box_keys(noise_seeds, box: int):
+    """One key per erasing box: box ``box`` of a sample whose noise seed is ``noise_seeds`` (an int or a tensor)."""
+    return _hash32((noise_seeds + box * _GOLDEN) & _M32)
+
+
+@functools.lru_cache(maxsize=None)
+def _normal_quantiles(device: str) -> torch.Tensor:
+    """The standard normal distribution at 2^16 equally likely levels (the quantiles of the bin centres), computed
+    in float64 on the CPU, so every device holds the same float32 table."""
+    levels = 1 << _NOISE_BITS
+    centres = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+    return torch.special.ndtri(centres).to(torch.float32).to(device)
 
 
 def erasing_noise(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """Standard normal float32 numbers, element ``counters`` of the streams ``keys`` (broadcast together): Box-Muller
-    on two hashed 24-bit uniforms. Any slice of a stream can be computed alone, on any device."""
-    a = _hash32(_hash32(2 * counters) ^ keys)
-    b = _hash32(_hash32(2 * counters + 1) ^ keys)
-    u1 = ((a >> 8) + 1).to(torch.float32) * 2.0 ** -24         # (0, 1]: the log stays finite
-    u2 = (b >> 8).to(torch.float32) * 2.0 ** -24
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    """Standard normal float32 numbers (2^16 levels, |z| < 4.5), element ``counters`` of the streams ``keys``
+    (broadcast together): a hash of the pair looks up the normal quantiles. Integer arithmetic and a table: any
+    slice of a stream, on any device, gives the same numbers bit for bit."""
+    hashed = _hash32_(torch.bitwise_xor((counters * _GOLDEN).bitwise_and_(_M32), keys))
+    table = _normal_quantiles(str(hashed.device))
+    return table[hashed.bitwise_right_shift_(32 - _NOISE_BITS)]
 
 
 def draw_erasing(rer, height: int, width: int) -> Tuple[List[Tuple[int, int, int, int]], int]:
@@ -82,7 +101,7 @@ def box_fill(mode: str, noise_seed: int, box: int, shape: Tuple[int, int, int], 
     channels, h, w = shape
     if mode == "const":
         return torch.zeros((channels, 1, 1), device=device)
-    key = _box_keys(torch.tensor(noise_seed, device=device), box)
+    key = _box_keys(int(noise_seed), box)
     n = channels if mode == "rand" else channels * h * w
     noise = erasing_noise(key, torch.arange(n, device=device))
     return noise.view(channels, 1, 1) if mode == "rand" else noise.view(channels, h, w)
