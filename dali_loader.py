@@ -109,8 +109,9 @@ def _decode_and_crop(spec: Spec, encoded):
     padded = spec.size + 8                            # centred window 4 px beyond each side, zeros outside
     images = fn.crop(images, crop=[padded, padded], crop_pos_x=0.5, crop_pos_y=0.5, out_of_bounds_policy="pad",
                      fill_values=0)
-    return fn.crop(images, crop=[spec.size, spec.size], crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
-                   crop_pos_y=fn.random.uniform(range=[0.0, 1.0]))
+    offsets = [k / 8 for k in range(9)]              # the 9 offsets, uniform as RandomCrop's integers
+    return fn.crop(images, crop=[spec.size, spec.size], crop_pos_x=fn.random.uniform(values=offsets),
+                   crop_pos_y=fn.random.uniform(values=offsets))
 
 
 def _augment(spec: Spec, images):

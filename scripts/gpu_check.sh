@@ -10,7 +10,8 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]           # default OUT_DIR: runs/gpu_check; JSON files and logs land there
 #
 # Environment: DATA=/data/imagenet reads that ImageFolder tree (train/ and val/) instead of writing a small one of
-# photo-sized JPEGs (500x375, cut from the two photos that ship with scikit-learn); WORKERS (default: the cores),
+# photo-sized JPEGs (500x375 crops of the two photos that ship with scikit-learn: scripts/dali_differences.py);
+# WORKERS (default: the cores),
 # STEPS (timed rounds of benchmark.py, default 20), BATCH (default 128), COMPILE=0 skips the compiled runs,
 # PYTHON (default .venv/bin/python). DALI: .venv/bin/pip install -r requirements-dali.txt
 set -euo pipefail
@@ -26,22 +27,7 @@ mkdir -p "$OUT"
 
 if [ -z "${DATA:-}" ]; then
   DATA="$OUT/jpegs"
-  "$PY" - "$DATA" <<'EOF'
-import os, sys
-import numpy as np
-from PIL import Image
-import sklearn.datasets
-root, src = sys.argv[1], os.path.join(os.path.dirname(sklearn.datasets.__file__), "images")
-rng = np.random.default_rng(0)
-for split, n in (("train", 512), ("val", 16)):
-    for name in ("china", "flower"):
-        photo = Image.open(os.path.join(src, f"{name}.jpg")).convert("RGB")
-        os.makedirs(os.path.join(root, split, name), exist_ok=True)
-        for i in range(n):
-            x, y = int(rng.integers(0, photo.width - 500)), int(rng.integers(0, photo.height - 375))
-            photo.crop((x, y, x + 500, y + 375)).save(os.path.join(root, split, name, f"{i}.jpg"), quality=90)
-print(f"wrote {root}: 1,024 training JPEGs of 500x375 in 2 classes")
-EOF
+  "$PY" scripts/dali_differences.py --write_images "$DATA"
 fi
 
 echo "== 1. loader images/s (reference, fast, dali) on the DeiT-S recipe, $WORKERS workers"
