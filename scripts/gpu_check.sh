@@ -2,7 +2,8 @@
 # The GPU measurements of docs/loader.md, in a few minutes on one GPU (run by hand where there is one):
 #   1. images/s of the training loaders reference, fast and dali (when DALI is installed) on the DeiT-S recipe at
 #      224 px with 1 and WORKERS workers (DALI: CPU threads), measured in one run by scripts/loader_benchmark.py,
-#      with its verdict (CPU cores per GPU needed, against DeiT-S's rate measured here with AMP);
+#      with its verdict (CPU cores per GPU needed, against DeiT-S's rate measured here with AMP); 5 rounds, so the
+#      median is not DALI's first pass, which defines its pipeline (seconds);
 #   2. DeiT-S training steps/s with AMP (bf16), eager and torch.compile'd, plain and in every state of each method
 #      (scripts/benchmark.py on the method's table config);
 #   3. one epoch of the demo through main.py with loader: dali on the GPU (the mixed decoder path end to end).
@@ -34,7 +35,8 @@ echo "== 1. loader images/s (reference, fast, dali) on the DeiT-S recipe, $WORKE
 "$PY" -c "import nvidia.dali" 2>/dev/null \
   || echo "note: DALI is not installed (pip install -r requirements-dali.txt): dali is left out of the loader run"
 "$PY" scripts/loader_benchmark.py --config configs/deit_s.yaml --data_path "$DATA" --data_set folder \
-  --batch_size "$BATCH" --num_workers 1 "$WORKERS" --amp bf16 --bench_batch "$BATCH" --json "$OUT/loader.json" \
+  --batch_size "$BATCH" --num_workers 1 "$WORKERS" --rounds 5 --amp bf16 --bench_batch "$BATCH" \
+  --json "$OUT/loader.json" \
   2>&1 | tee "$OUT/loader.txt"
 
 echo "== 2. DeiT-S steps/s with AMP bf16, batch $BATCH: plain and every state of each method"
