@@ -117,6 +117,14 @@ def test_ranks_get_disjoint_shards(tmp_path):
     assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(24))
 
 
+def test_repeated_augmentation_augments_each_copy(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    cfg = dali_cfg(jpeg_folder(tmp_path), batch_size=3, aa=None, repeated_aug=True, ra_repeats=3)
+    images, _, indices = first_batch(loaders(cfg)[0])        # one process: the 3 copies of a sample in one batch
+    assert len(set(indices.tolist())) == 1
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+
+
 def test_subset_and_same_seed_same_batch(tmp_path):
     pytest.importorskip("nvidia.dali")
     cfg = dali_cfg(jpeg_folder(tmp_path), reprob=0.5, remode="pixel")
