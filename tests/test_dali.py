@@ -14,7 +14,7 @@ from config import Config
 from datasets import DatasetError, sample_seed, seeded
 from exits import EXIT_CONFIG
 from fast_loader import draw_erasing
-from tests.runs import TINY_MODEL, one_line, runner
+from tests.runs import TINY_MODEL, one_line, read_log, runner
 
 SIZE = 40          # above 32 px: DeiT's random-resized-crop path
 # one epoch of the demo config's plain recipe on the tiny ViT (16 px: the small-image path), 11 iterations
@@ -166,3 +166,20 @@ def test_demo_runs_end_to_end(digits, tmp_path, capsys):
     out = tmp_path / "run"
     assert runner(*ONE_EPOCH, "--loader", "dali")(digits, out) == 0
     assert (out / "checkpoint.pth").exists()
+
+
+def test_stop_and_resume(digits, tmp_path):
+    """Stopped by SIGTERM inside epoch 2 and resumed, a dali run trains every iteration of both epochs once (the
+    resumed pass starts where the sampler stopped; its augmentations are DALI's new draws, so no weights check)."""
+    pytest.importorskip("nvidia.dali")
+    import shutil
+    from tests.test_resume_fields import main_py, stopper
+    flags = ["--epochs", "2", "--num_workers", "1", "--methods", "[]", "--loader", "dali"]
+    res = main_py(digits, tmp_path / "stopped", *flags, script=stopper(tmp_path, 1, 4))
+    assert res.returncode == 3 and "stopped by SIGTERM at epoch 2/2" in res.stderr, res.stderr[-3000:]
+    assert "loader dali x 1 workers" in res.stdout + res.stderr
+    shutil.copytree(tmp_path / "stopped", tmp_path / "resumed")
+    res = main_py(digits, tmp_path / "resumed", *flags, "--resume", "auto")
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = read_log(tmp_path / "resumed")
+    assert [r["epoch"] for r in log] == [0, 1] and [r["global_step"] for r in log] == [11, 22]
