@@ -174,12 +174,4 @@ def apply_rand_augment(images, plan: RandAugmentPlan, size: int, fill: int, inte
     return images
 
 
-def erasing(cfg):
-    """timm's ``RandomErasing`` of the recipe (its settings, not its tensors), or ``None`` when erasing is off."""
-    if not cfg.reprob:
-        return None
-    from timm.data.random_erasing import RandomErasing
-    return RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device="cpu")
-
-
-__all__ = ["AugmentError", "RandAugmentPlan", "rand_augment_plan", "apply_rand_augment", "erasing", "TIMM_TO_DALI"]
+__all__ = ["AugmentError", "RandAugmentPlan", "rand_augment_plan", "apply_rand_augment", "TIMM_TO_DALI"]

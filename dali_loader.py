@@ -84,12 +84,21 @@ class Spec:
 
     @classmethod
     def from_config(cls, cfg) -> "Spec":
-        rer = aug.erasing(cfg)
+        rer = _erasing(cfg)
         gpu = torch.cuda.is_available() and getattr(cfg, "device", "auto") != "cpu"
         return cls(size=cfg.input_size, crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
                    interpolation=cfg.train_interpolation, color_jitter=cfg.color_jitter or 0.0,
                    rand_augment=aug.rand_augment_plan(cfg.aa), erasing=rer,
                    max_boxes=rer.max_count if rer is not None else 0, gpu=gpu)
+
+
+def _erasing(cfg):
+    """timm's ``RandomErasing`` of the recipe (its settings: the boxes are drawn per sample, the noise erased on the
+    device by :mod:`fast_loader`), or ``None`` when erasing is off."""
+    if not cfg.reprob:
+        return None
+    from timm.data.random_erasing import RandomErasing
+    return RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline

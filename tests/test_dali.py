@@ -13,6 +13,7 @@ import dali_augment as aug
 from config import Config
 from datasets import DatasetError, sample_seed, seeded
 from exits import EXIT_CONFIG
+from dali_loader import Spec
 from fast_loader import draw_erasing
 from tests.runs import TINY_MODEL, one_line, read_log, runner
 
@@ -98,7 +99,7 @@ def test_erasing_fills_the_seeded_boxes(tmp_path):
     cfg = dali_cfg(jpeg_folder(tmp_path), reprob=1.0, remode="const", aa=None, hflip=0.0)
     train, _, _ = loaders(cfg, seed=3, epoch=2)
     images, _, _ = first_batch(train)
-    rer = aug.erasing(cfg)
+    rer = Spec.from_config(cfg).erasing
     for position, image in enumerate(images):
         with seeded(sample_seed(3, 2, 0, position)):          # the boxes drawn for the sample at this position
             (top, left, h, w), = draw_erasing(rer, SIZE, SIZE)[0]
