@@ -249,3 +249,23 @@ def test_loader_benchmark_reports_every_setting_and_the_verdict(tmp_path, capsys
                 s["images_per_s"] / result[name]["images_per_s_per_worker"])
     assert states[1]["images_per_s"] > states[0]["images_per_s"] == 1000
     assert "cores fast" in capsys.readouterr().out
+
+
+def test_loader_benchmark_times_the_model_here_without_a_rate(tmp_path):
+    """Without --model_images_per_s the model's rate is scripts/benchmark.py's measurement on this device."""
+    import json
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import loader_benchmark
+    out = tmp_path / "loader.json"
+    code = loader_benchmark.main(["--config", os.path.join(CONFIGS, "deit_s.yaml"), "--make_images", "12",
+                                  "--batch_size", "4", "--input_size", "32", "--batches", "1", "--rounds", "1",
+                                  "--num_workers", "0", "--step_samples", "2", "--settings", "reference", "fast",
+                                  "--model_kwargs", "{embed_dim: 32, depth: 1, num_heads: 2, patch_size: 8}",
+                                  "--device", "cpu", "--bench_batch", "2", "--bench_steps", "1", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["source"].startswith("scripts/benchmark.py on ")
+    (state,) = result["verdict"]
+    assert state["name"] == "full tokens" and state["images_per_s"] > 0
+    assert state["cores_per_accelerator"]["fast"] == pytest.approx(
+        state["images_per_s"] / result["fast"]["images_per_s_per_worker"])
