@@ -127,8 +127,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                 break
             t_data = time.perf_counter()
         finished = stopped_at is None
-    finally:         # loader workers ignore SIGINT/SIGTERM: stop them here when the run stops (persistent ones are
-        shutdown = getattr(batches, "_shutdown_workers", None)        # kept for the next epoch otherwise)
+    finally:
+        # loader workers ignore SIGINT/SIGTERM: stop them here when the run stops inside the epoch or fails; a finished
+        # epoch keeps persistent ones for the next
+        shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None and not (finished and getattr(loader, "persistent_workers", False)):
             shutdown()
     return run.result(stopped_at)
