@@ -32,9 +32,10 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import ConfigError, load_config  # noqa: E402
-from datasets import DatasetError, build_loaders, sample_seed, seeded  # noqa: E402
+from datasets import DatasetError, sample_seed, seeded  # noqa: E402
 from devices import resolve_device  # noqa: E402
 from fast_loader import LOADERS, device_images, erasing_noise, image_transforms  # noqa: E402
+from loaders import build_loaders  # noqa: E402
 from throughput import load_average  # noqa: E402
 
 
@@ -63,11 +64,8 @@ def make_image_folder(root: str, n: int, size=(500, 375), classes: int = 2) -> s
 
 
 def build_train_loader(cfg, setting: str, num_workers: int):
-    cfg = dataclasses.replace(cfg, loader="reference" if setting == "dali" else setting, num_workers=num_workers)
-    if setting == "dali":
-        from dali_loader import build_dali_loaders
-        return build_dali_loaders(cfg, 0, 1, cfg.seed)[0]
-    return build_loaders(cfg, 0, 1, cfg.seed)[0]
+    """The training loader a run of ``cfg`` with ``loader: setting`` and ``num_workers`` workers trains from."""
+    return build_loaders(dataclasses.replace(cfg, loader=setting, num_workers=num_workers), 0, 1, cfg.seed)[0]
 
 
 def batch_bytes(obj) -> int:
@@ -233,7 +231,9 @@ def report(result: Dict[str, Any], names: List[str]) -> str:
         lines.append(f"images/s per worker at {w} workers: {cells}")
     lines.append("bytes per sample: " + "  ".join(f"{n} {result[n]['bytes_per_sample']:,.0f}" for n in names))
     for n in names:
-        lines.append(f"ms per sample, {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in result[n]["step_ms"].items()))
+        steps = result[n]["step_ms"]
+        lines.append(f"ms per sample, {n}: " + (", ".join(f"{k} {v:.2f}" for k, v in steps.items())
+                                                 or "not timed step by step (one pipeline)"))
     lines += ["", f"model: {result['model']['source']}",
               f"{'state':42s} {'images/s':>9s} " + " ".join(f"{'cores ' + n:>15s}" for n in names)]
     for row in result["verdict"]:
