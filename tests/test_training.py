@@ -41,7 +41,7 @@ def test_tiny_run_writes_every_output(digits, tmp_path, capsys):
     plain.load_state_dict(ckpt["model"])
     plain.load_state_dict(ckpt["model_ema"])
     out = capsys.readouterr().out
-    assert "ToE stage 1, 8/16 tokens" in out and "ToE stage 2, 16/16 tokens" in out
+    assert "ToE: stage 1, kept_tokens 8" in out and "ToE: stage 2, kept_tokens 16" in out
     assert "outputs:" in out and "final val top-1" in out
 
 
