@@ -87,9 +87,9 @@ def _discover() -> None:
 
 
 def extension_classes() -> Dict[str, Type[Extension]]:
-    """Section name -> extension class, for every registered extension."""
+    """Section name -> extension class, for every registered extension, by name (whatever imported them first)."""
     _discover()
-    return dict(_REGISTRY)
+    return dict(sorted(_REGISTRY.items()))
 
 
 def extension_class(name: str) -> Type[Extension]:

@@ -323,9 +323,9 @@ def _discover() -> None:
 
 
 def registry() -> Dict[str, Type[Method]]:
-    """Section name -> method class, for every registered method."""
+    """Section name -> method class, for every registered method, by name (whatever imported them first)."""
     _discover()
-    return dict(_REGISTRY)
+    return dict(sorted(_REGISTRY.items()))
 
 
 def method_class(name: str) -> Type[Method]:
