@@ -579,12 +579,13 @@ def build_loaders(cfg, rank: int, world_size: int, seed: int, extensions=None) -
         _register_exit_hook()
     common = dict(num_workers=cfg.num_workers, worker_init_fn=_worker_init if cfg.num_workers > 0 else None)
     mixing = cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None
+    pin = cfg.pin_memory and cfg.device != "cpu" and torch.cuda.is_available()    # only for a run on the GPU
     train_loader = DataLoader(train_set, sampler=train_sampler, batch_size=cfg.batch_size, drop_last=True,
                               collate_fn=SkippingCollate(even=mixing) if skip else None,
-                              **loader_options(cfg.loader, cfg.num_workers, cfg.pin_memory), **common)
+                              **loader_options(cfg.loader, cfg.num_workers, pin), **common)
     val_loader = DataLoader(val_set, sampler=ShardSampler(val_set, world_size, rank), batch_size=int(1.5 * cfg.batch_size),
                             drop_last=False, persistent_workers=cfg.num_workers > 0,
-                            pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                            pin_memory=pin,
                             collate_fn=SkippingCollate() if skip else None, **common)
     return train_loader, val_loader, nb_classes
 

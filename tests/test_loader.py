@@ -174,6 +174,20 @@ def test_fast_hands_over_a_quarter_of_the_bytes(tmp_path):
     assert 3.9 < sizes["reference"] / sizes["fast"] <= 4.0
 
 
+def test_memory_is_pinned_only_for_a_run_on_the_gpu(tmp_path, monkeypatch):
+    """Pinned memory serves the non-blocking copy to a GPU: a run on the CPU of a GPU machine does not pin."""
+    tree = make_folder(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pinned = {}
+    for device in ("cpu", "auto"):
+        cfg = load_config(os.path.join(CONFIGS, "deit_s.yaml"), ["--data_set", "folder", "--data_path", tree,
+                                                                  "--batch_size", "4", "--num_workers", "0",
+                                                                  "--device", device])
+        train, val, _ = build_loaders(cfg, 0, 1, cfg.seed)
+        pinned[device] = (train.pin_memory, val.pin_memory)
+    assert pinned == {"cpu": (False, False), "auto": (True, True)}
+
+
 # ------------------------------------------------------------------------------------------------ bad images
 def test_unreadable_image_is_named_or_skipped(tmp_path):
     tree = make_folder(tmp_path)
