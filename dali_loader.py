@@ -215,6 +215,11 @@ class DaliTrainLoader:
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size                       # drop_last, as the reference loader
 
+    @property
+    def num_workers(self) -> int:
+        """The pipeline's CPU threads (at least one), where a DataLoader counts its worker processes."""
+        return self.num_threads
+
     def pipeline_seed(self) -> int:
         return sample_seed(self.seed, self.sampler.epoch, self.rank, self.sampler.start) % (2 ** 31 - 1)
 

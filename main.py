@@ -430,7 +430,7 @@ def train(r: Run, stop: StopSignals) -> Dict[str, Any]:
     s = r.settings
     log.info(f"model {cfg.model}: {r.n_params / 1e6:.2f}M params, {r.nb_classes} classes, input {s.input_size}px | "
              f"world {dist.world_size} x batch {s.batch_size} x accum {s.grad_accum_steps} | lr {r.lr:.3e} | "
-             f"amp {r.amp_dtype or 'off'} | loader {cfg.loader} x {cfg.num_workers} workers | "
+             f"amp {r.amp_dtype or 'off'} | loader {cfg.loader} x {r.train_loader.num_workers} workers | "
              f"methods: {r.methods.describe()}")
     note = nproc_note(cfg, dist.world_size)
     if note:
