@@ -128,12 +128,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
             t_data = time.perf_counter()
         finished = stopped_at is None
     finally:
-        # loader workers ignore SIGINT/SIGTERM: stop them here when the run stops inside the epoch or fails; a finished
-        # epoch keeps persistent ones for the next
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None and not (finished and getattr(loader, "persistent_workers", False)):
-            shutdown()
+        _release_workers(loader, batches, finished)
     return run.result(stopped_at)
+
+
+def _release_workers(loader, batches, finished: bool) -> None:
+    """Loader workers ignore SIGINT/SIGTERM: stop them when the run stops inside the epoch or fails; a finished
+    epoch keeps persistent ones for the next."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None and not (finished and getattr(loader, "persistent_workers", False)):
+        shutdown()
 
 
 @dataclass

@@ -15,14 +15,12 @@ them. :class:`ExtensionSet` fans the hooks out to the sections a config has.
 """
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Type
 
 from torch import nn
 from torch.utils.data import Dataset
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from plugins import Registry
 
 
 class ExtensionError(ValueError):
@@ -56,40 +54,14 @@ class Extension:
 
 
 # ---------------------------------------------------------------------------------------------- the registry
-_REGISTRY: Dict[str, Type[Extension]] = {}
-_DISCOVERED = False
-
-
-def register_extension(cls: Type[Extension]) -> Type[Extension]:
-    """Class decorator: make ``cls`` the extension of config section ``cls.name``."""
-    if not cls.name or not cls.name.isidentifier():
-        raise TypeError(f"{cls.__name__}.name must be an identifier: it is the config section")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"an extension named '{cls.name}' is already registered ({_REGISTRY[cls.name].__qualname__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def unregister_extension(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
-def _discover() -> None:
-    """Import ``<package>/extension.py`` of every package beside this file (each registers its extension)."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    for entry in sorted(os.listdir(ROOT)):
-        package = os.path.join(ROOT, entry)
-        if os.path.isfile(os.path.join(package, "extension.py")) and os.path.isfile(os.path.join(package, "__init__.py")):
-            importlib.import_module(f"{entry}.extension")
+_REGISTRY: Registry[Extension] = Registry("extension", "extension")
+register_extension = _REGISTRY.register       # class decorator: ``cls`` is the extension of section ``cls.name``
+unregister_extension = _REGISTRY.unregister
 
 
 def extension_classes() -> Dict[str, Type[Extension]]:
-    """Section name -> extension class, for every registered extension, by name (whatever imported them first)."""
-    _discover()
-    return dict(sorted(_REGISTRY.items()))
+    """Section name -> extension class, for every registered extension (from ``<package>/extension.py``)."""
+    return _REGISTRY.classes()
 
 
 def extension_class(name: str) -> Type[Extension]:

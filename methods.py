@@ -26,14 +26,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from plugins import Registry
 
 
 class MethodError(ValueError):
@@ -293,39 +292,14 @@ def fields_text(label: str, fields: Mapping[str, Any], prefix: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the registry
-_REGISTRY: Dict[str, Type[Method]] = {}
-_DISCOVERED = False
-
-
-def register_method(cls: Type[Method]) -> Type[Method]:
-    """Class decorator: make ``cls`` the method of config section ``cls.name``."""
-    if not cls.name or not cls.name.isidentifier():
-        raise TypeError(f"{cls.__name__}.name must be an identifier: it is the config section")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a method named '{cls.name}' is already registered ({_REGISTRY[cls.name].__qualname__})")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def unregister_method(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
-def _discover() -> None:
-    """Import ``<package>/method.py`` of every package beside this file (each registers its method)."""
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    _DISCOVERED = True
-    for entry in sorted(os.listdir(ROOT)):
-        if os.path.isfile(os.path.join(ROOT, entry, "method.py")) and os.path.isfile(os.path.join(ROOT, entry, "__init__.py")):
-            importlib.import_module(f"{entry}.method")
+_REGISTRY: Registry[Method] = Registry("method", "method")
+register_method = _REGISTRY.register          # class decorator: ``cls`` is the method of config section ``cls.name``
+unregister_method = _REGISTRY.unregister
 
 
 def registry() -> Dict[str, Type[Method]]:
-    """Section name -> method class, for every registered method, by name (whatever imported them first)."""
-    _discover()
-    return dict(sorted(_REGISTRY.items()))
+    """Section name -> method class, for every registered method (imported from ``<package>/method.py``)."""
+    return _REGISTRY.classes()
 
 
 def method_class(name: str) -> Type[Method]:

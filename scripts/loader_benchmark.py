@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import ConfigError, load_config  # noqa: E402
 from datasets import DatasetError, sample_seed, seeded  # noqa: E402
 from devices import resolve_device  # noqa: E402
+from files import first_line  # noqa: E402
 from fast_loader import LOADERS, device_images, erasing_noise, image_transforms  # noqa: E402
 from loaders import build_loaders  # noqa: E402
 from throughput import load_average  # noqa: E402
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="loader_benchmark_") as tmp:
             result = run(args, overrides, tmp)
     except (ConfigError, DatasetError, ValueError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     print(report(result, args.settings or settings()))
     ratios = result["fast_vs_reference"]

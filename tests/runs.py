@@ -129,3 +129,21 @@ def torchrun(*argv, script=None, timeout=300):
            script or os.path.join(ROOT, "main.py"), *map(str, argv)]
     return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def image_tree(root, classes, per_split, image):
+    """An ImageFolder tree ``root/{train,val}/<class>/``: ``per_split`` images per class and split (a dict), image
+    ``i`` written as ``image(rng, i)`` gives it: ``(uint8 array, file name)``; one seeded generator for all. Returns
+    ``root``."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in per_split.items():
+        for c in classes:
+            folder = os.path.join(str(root), split, c)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                pixels, name = image(rng, i)
+                Image.fromarray(pixels).save(os.path.join(folder, name))
+    return root
+

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import dali_augment as aug
@@ -15,7 +14,7 @@ from datasets import DatasetError, sample_seed, seeded
 from exits import EXIT_CONFIG
 from dali_loader import Spec
 from fast_loader import draw_erasing
-from tests.runs import TINY_MODEL, one_line, read_log, runner
+from tests.runs import TINY_MODEL, image_tree, one_line, read_log, runner
 
 SIZE = 40          # above 32 px: DeiT's random-resized-crop path
 # one epoch of the demo config's plain recipe on the tiny ViT (16 px: the small-image path), 11 iterations
@@ -25,15 +24,8 @@ ONE_EPOCH = [*TINY_MODEL, "--epochs", "1", "--methods", "[]", "--num_workers", "
 
 def jpeg_folder(root, classes=("ant", "bee", "cow"), n_train=8, n_val=2):
     """An ImageFolder tree of photo-sized random JPEGs of a few sizes."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c in classes:
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                h, w = 48 + 5 * i, 64 + 3 * i
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-    return root
+    return image_tree(root, classes, {"train": n_train, "val": n_val}, lambda rng, i: (
+        rng.integers(0, 256, (48 + 5 * i, 64 + 3 * i, 3), dtype=np.uint8), f"{i}.jpg"))
 
 
 def dali_cfg(root, **kw):

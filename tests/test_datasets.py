@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import Config  # noqa: E402
 from datasets import (DatasetError, RASampler, ShardSampler, build_dataset, build_loaders,  # noqa: E402
                       build_transform, check_num_classes, prepare_digits)
+from tests.runs import image_tree  # noqa: E402
 
 
 def make_cfg(tmp, **kw):
@@ -26,18 +27,10 @@ def make_cfg(tmp, **kw):
 
 def make_folder(root, classes=("cat", "dog", "eel"), n_train=4, n_val=2):
     """A tiny ImageFolder tree with odd sizes, one grayscale image per class, and a JPEG."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c in classes:
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                h, w = 20 + 3 * i, 27 + 2 * i
-                if i == 0:
-                    Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(d / f"{i}.png")
-                else:
-                    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-    return root
+    def image(rng, i):
+        shape = (20 + 3 * i, 27 + 2 * i) + (() if i == 0 else (3,))
+        return rng.integers(0, 256, shape, dtype=np.uint8), f"{i}.png" if i == 0 else f"{i}.jpg"
+    return image_tree(root, classes, {"train": n_train, "val": n_val}, image)
 
 
 def write_cifar(root, hundred=False, n=8):

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -18,21 +17,17 @@ from config import load_config  # noqa: E402
 from datasets import DatasetError, build_loaders  # noqa: E402
 from fast_loader import (ERASE_MODES, SeededErasing, device_images, draw_erasing, erase_batch,  # noqa: E402
                          erase_per_sample, erasing_noise)
+from tests.runs import image_tree  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "configs")
 
 
 def make_folder(root, classes=("ant", "bee", "cat"), per_class=4, size=(50, 38)):
     """An ImageFolder tree (train/ and val/) of random-content JPEGs and one PNG of another size."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for c in classes:
-            os.makedirs(os.path.join(root, split, c), exist_ok=True)
-            for i in range(per_class):
-                w, h = (size[0] + 7, size[1] - 5) if i == 0 else size
-                name = f"{i}.png" if i == 0 else f"{i}.jpg"
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, split, c, name))
-    return str(root)
+    def image(rng, i):
+        w, h = (size[0] + 7, size[1] - 5) if i == 0 else size
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8), f"{i}.png" if i == 0 else f"{i}.jpg"
+    return str(image_tree(root, classes, {"train": per_class, "val": per_class}, image))
 
 
 def loaders(path, *overrides, loader):
